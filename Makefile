@@ -1,0 +1,46 @@
+# Two entry points (see README): `make run` (all notebooks on the demo data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= demo
+RUN ?= runs/demo
+IMAGE_SIZE ?= 64
+PARAMS ?=
+NOTEBOOKS := 01_data_analysis 02_pspnet 03_fpn 04_unet 05_vae_synthesis
+
+.PHONY: run test venv notebooks bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+## Main job: every notebook in order, executed by papermill into $(RUN)/notebooks/.
+run: venv
+	mkdir -p $(RUN)/notebooks
+	for nb in $(NOTEBOOKS); do \
+		$(PY) -m papermill --cwd notebooks -k python3 notebooks/$$nb.ipynb $(RUN)/notebooks/$$nb.ipynb \
+			-p data "$(DATA)" -p run_dir "$(abspath $(RUN))" -p image_size $(IMAGE_SIZE) $(PARAMS) || exit 1; \
+	done
+	@echo "Executed notebooks, figures, checkpoints and metrics are in $(RUN)/; diary entries in diary.md"
+
+## Whole test suite: unit tests, notebooks under nbval, one papermill run.
+test: venv
+	$(PY) -m pytest -q
+
+notebooks: venv
+	$(PY) tools/build_notebooks.py
+
+bench: venv
+	$(PY) bench/benchmark.py $(BENCH_ARGS)
+
+lint: venv
+	$(PY) -m ruff check lib tests tools bench
+
+clean:
+	rm -rf runs/demo data/archives

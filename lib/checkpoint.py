@@ -1,0 +1,88 @@
+"""Checkpoints that rebuild their own model: weights + architecture + data settings + metrics.
+
+Files are written atomically, so an interrupted save keeps the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib.atomic import atomic_path
+from lib.models import ModelConfig, build_model
+
+FORMAT_VERSION = 1
+KIND = "segmentation"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, data: dict[str, Any], **extra: Any) -> Path:
+    """Atomically save ``model`` with what is needed to rebuild and check it.
+
+    Args:
+        path: destination ``.pt`` file.
+        model_cfg: the architecture.
+        data: data settings the model was trained for (image_size, slice settings key,
+            in_channels, num_classes, labels, task name).
+        **extra: anything else (metrics, epoch, optimizer state, history...).
+    """
+    state = {
+        "kind": KIND,
+        "version": FORMAT_VERSION,
+        "model_config": model_cfg.to_dict(),
+        "data": data,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict, with a clear error for missing, corrupt or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("kind") != KIND:
+        kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a segmentation checkpoint (kind {kind!r})")
+    return state
+
+
+def check_compatible(state: dict[str, Any], expected: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise ValueError if the checkpoint's model or data settings differ from ``expected``.
+
+    ``expected`` may hold "model_config" and/or "data" entries; only keys given are compared.
+    """
+    problems = []
+    for section in ("model_config", "data"):
+        for key, want in expected.get(section, {}).items():
+            have = state.get(section, {}).get(key)
+            if have != want:
+                problems.append(f"{section}.{key}: checkpoint has {have!r}, expected {want!r}")
+    if problems:
+        raise ValueError(f"{source}: incompatible with this run: " + "; ".join(problems))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", expected: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` and load its weights.
+
+    Args:
+        expected: optional settings the checkpoint must match (see :func:`check_compatible`).
+
+    Returns:
+        The model in eval mode on ``device`` and the checkpoint dict (without weights).
+    """
+    state = read_checkpoint(path)
+    if expected:
+        check_compatible(state, expected, str(path))
+    model = build_model(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state.pop("state_dict"))
+    return model.to(device).eval(), state

@@ -1,0 +1,126 @@
+"""Score a trained model on the test patients, as the MSD challenge does.
+
+Each prediction is resized back to its volume's original resolution and compared with
+the original label file: per-patient 3D Dice, IoU and HD95 (mm), structure volumes,
+per-slice Dice, inference time. Dice at the training resolution is reported as
+``dice_train_res``. Writes ``metrics.json`` / ``metrics.csv``, one NIfTI prediction per
+patient, and ``postprocessing.json`` measuring flip TTA and largest-component filtering.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lib.atomic import read_json, write_json, write_with
+from lib.inference import predict_probs, probs_to_volume, save_prediction
+from lib.metrics import dice, per_slice_dice, score_case, summarise
+from lib.msd import load_nifti
+from lib.postprocess import keep_largest_component
+from lib.slices import SliceSet
+
+VARIANTS = {"plain": (False, False), "lcc": (False, True), "tta": (True, False), "tta+lcc": (True, True)}
+
+
+def _variant(tta: bool, lcc: bool) -> str:
+    return {v: k for k, v in VARIANTS.items()}[(tta, lcc)]
+
+
+def evaluate(
+    model: nn.Module,
+    test: SliceSet,
+    labels: list[int],
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    largest_component: bool = False,
+    compare_postprocessing: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
+
+    Args:
+        test: test slices with their patients' geometry.
+        labels: foreground class ids to score.
+        tta, largest_component: post-processing used for the reported metrics.
+        compare_postprocessing: also score the other TTA / largest-component variants.
+        extra: added to metrics.json (e.g. training time, parameters).
+
+    Returns:
+        The metrics.json content: {"cases": {id: {...}}, "mean": {...}, ...}.
+    """
+    out_dir = Path(out_dir)
+    chosen = _variant(tta, largest_component)
+    cases: dict[str, dict[str, Any]] = {}
+    variants: dict[str, dict[str, dict[str, float]]] = {name: {} for name in VARIANTS}
+    for cid, meta in test.cases.items():
+        sl = test.patient(cid)
+        truth = np.asarray(load_nifti(meta.label_path).dataobj).astype(np.uint8)
+        t0 = time.perf_counter()
+        probs = {False: predict_probs(model, sl.images, device=device, tta=False)}
+        plain_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if tta or compare_postprocessing:
+            probs[True] = predict_probs(model, sl.images, device=device, tta=True)
+        tta_seconds = time.perf_counter() - t0
+        for name, (v_tta, v_lcc) in VARIANTS.items():
+            if not (compare_postprocessing or name == chosen):
+                continue
+            volume = probs_to_volume(probs[v_tta], meta.shape)
+            if v_lcc:
+                volume = keep_largest_component(volume)
+            scores = score_case(volume, truth, meta.spacing, labels)
+            variants[name][cid] = {k: scores[k] for k in ("dice", "iou", "hd95")}
+            if name == chosen:
+                pred_volume = volume
+                cases[cid] = scores
+        slice_pred = probs[tta].argmax(1).numpy()
+        cases[cid].update(
+            dice_train_res=float(np.nanmean([dice(slice_pred, sl.masks, k) for k in labels])),
+            per_slice_dice=[None if np.isnan(d) else float(d) for d in per_slice_dice(pred_volume, truth)],
+            inference_seconds=tta_seconds if tta else plain_seconds,
+            spacing=list(meta.spacing),
+            shape=list(meta.shape),
+        )
+        save_prediction(pred_volume, meta, out_dir / "predictions" / f"{cid}.nii.gz")
+    summary = summarise(cases)
+    mean = summary["mean"] | {
+        "dice_train_res": float(np.nanmean([c["dice_train_res"] for c in cases.values()])),
+        "inference_seconds_per_volume": float(np.mean([c["inference_seconds"] for c in cases.values()])),
+    }
+    result = {
+        "cases": cases,
+        "mean": mean,
+        "std": summary["std"],
+        "n_cases": len(cases),
+        "postprocessing": {"tta": tta, "largest_component": largest_component},
+        **(extra or {}),
+    }
+    write_json(out_dir / "metrics.json", result)
+    table = metrics_table(result)
+    write_with(out_dir / "metrics.csv", lambda p: table.to_csv(p, index=True))
+    if compare_postprocessing:
+        write_json(out_dir / "postprocessing.json", {k: summarise(v) for k, v in variants.items()})
+    return result
+
+
+def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per test patient plus a mean row."""
+    keys = ["dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "dice_train_res", "inference_seconds"]
+    rows = {cid: {k: c.get(k) for k in keys} for cid, c in result["cases"].items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.loc["mean"] = table.mean(numeric_only=True)
+    return table
+
+
+def postprocessing_table(out_dir: str | Path) -> pd.DataFrame:
+    """Mean Dice / HD95 of each TTA / largest-component variant (from postprocessing.json)."""
+    data = read_json(Path(out_dir) / "postprocessing.json")
+    return pd.DataFrame({name: s["mean"] for name, s in data.items()}).T

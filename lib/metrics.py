@@ -1,0 +1,253 @@
+"""Segmentation metrics in the style of the MSD challenge and nnU-Net's evaluation.
+
+All functions take NumPy integer label volumes (class 0 is background) and return plain
+Python floats (or NumPy arrays for per-slice results).
+
+Empty-mask conventions (as in nnU-Net's ``evaluate_predictions``):
+
+* Dice / IoU: NaN when prediction and reference are both empty, 0 when exactly one is.
+* HD95: NaN when both are empty, ``inf`` when exactly one is (there is no surface to measure
+  to). Summaries report the mean over finite values plus a count of infinite ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+SUMMARY_KEYS = ("dice", "iou", "hd95")
+
+
+def _check_shapes(pred: np.ndarray, truth: np.ndarray) -> None:
+    if pred.shape != truth.shape:
+        raise ValueError(
+            f"pred and truth must have the same shape, got {pred.shape} and {truth.shape}"
+        )
+
+
+def _masks(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    _check_shapes(pred, truth)
+    return pred == label, truth == label
+
+
+def dice_from_counts(intersection: float, pred_sum: float, true_sum: float) -> float:
+    """Dice from accumulated voxel counts, e.g. summed slice by slice over a 3D patient.
+
+    Args:
+        intersection: number of voxels in both prediction and reference.
+        pred_sum: number of predicted foreground voxels.
+        true_sum: number of reference foreground voxels.
+
+    Returns:
+        ``2 * intersection / (pred_sum + true_sum)``; NaN when both sums are 0.
+    """
+    denom = float(pred_sum) + float(true_sum)
+    if denom == 0:
+        return math.nan
+    return 2.0 * float(intersection) / denom
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, label: int = 1) -> float:
+    """Dice coefficient of class ``label``.
+
+    Args:
+        pred: predicted label volume, any shape.
+        truth: reference label volume, same shape as ``pred``.
+        label: class to score.
+
+    Returns:
+        Dice in [0, 1]; NaN when both masks are empty, 0 when exactly one is.
+    """
+    p, t = _masks(pred, truth, label)
+    return dice_from_counts(np.count_nonzero(p & t), np.count_nonzero(p), np.count_nonzero(t))
+
+
+def iou(pred: np.ndarray, truth: np.ndarray, label: int = 1) -> float:
+    """Intersection over union (Jaccard index) of class ``label``.
+
+    Args:
+        pred: predicted label volume, any shape.
+        truth: reference label volume, same shape as ``pred``.
+        label: class to score.
+
+    Returns:
+        IoU in [0, 1]; NaN when both masks are empty, 0 when exactly one is.
+    """
+    p, t = _masks(pred, truth, label)
+    union = np.count_nonzero(p | t)
+    if union == 0:
+        return math.nan
+    return np.count_nonzero(p & t) / union
+
+
+def _union_bbox(p: np.ndarray, t: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of ``p | t`` grown by one voxel, clipped to the array."""
+    union = p | t
+    box = []
+    for axis in range(union.ndim):
+        other = tuple(a for a in range(union.ndim) if a != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        box.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
+    return tuple(box)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], label: int = 1) -> float:
+    """95th-percentile symmetric Hausdorff distance of class ``label`` in millimetres.
+
+    Surface-based, computed with ``monai.metrics.compute_hausdorff_distance``: surfaces are
+    the mask voxels removed by a binary erosion, the 95th percentile of the surface-to-surface
+    distances is taken in each direction and the larger of the two is returned.
+
+    Args:
+        pred: predicted label volume, shape (D0, D1, ...).
+        truth: reference label volume, same shape as ``pred``.
+        spacing: voxel size in mm along each axis of ``pred``, length ``pred.ndim``.
+        label: class to score.
+
+    Returns:
+        HD95 in mm; NaN when both masks are empty, ``inf`` when exactly one is.
+    """
+    p, t = _masks(pred, truth, label)
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing has {len(spacing)} values for a {p.ndim}D volume")
+    p_any, t_any = bool(p.any()), bool(t.any())
+    if not p_any and not t_any:
+        return math.nan
+    if not p_any or not t_any:
+        return math.inf
+    # MONAI crops to the same box internally; cropping first just avoids float copies of
+    # the whole volume. The one-voxel margin keeps the surfaces identical.
+    box = _union_bbox(p, t)
+    y_pred = torch.from_numpy(np.ascontiguousarray(p[box]))[None, None]
+    y = torch.from_numpy(np.ascontiguousarray(t[box]))[None, None]
+    with warnings.catch_warnings():
+        # MONAI passes its own deprecated argument to get_mask_edges internally.
+        warnings.filterwarnings(
+            "ignore", message=".*always_return_as_numpy", category=FutureWarning
+        )
+        hd = compute_hausdorff_distance(
+            y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
+        )
+    return float(hd[0, 0])
+
+
+def volume_ml(mask: np.ndarray, spacing: Sequence[float], label: int = 1) -> float:
+    """Volume of class ``label`` in millilitres.
+
+    Args:
+        mask: label volume, shape (D0, D1, ...).
+        spacing: voxel size in mm along each axis, length ``mask.ndim``.
+        label: class to measure.
+
+    Returns:
+        Number of voxels times voxel volume (mm^3), divided by 1000.
+    """
+    mask = np.asarray(mask)
+    if len(spacing) != mask.ndim:
+        raise ValueError(f"spacing has {len(spacing)} values for a {mask.ndim}D volume")
+    return np.count_nonzero(mask == label) * float(np.prod(spacing)) / 1000.0
+
+
+def per_slice_dice(
+    pred: np.ndarray, truth: np.ndarray, axis: int = -1, label: int = 1
+) -> np.ndarray:
+    """Dice of class ``label`` on each 2D slice along ``axis``.
+
+    Args:
+        pred: predicted label volume, shape (D0, D1, D2).
+        truth: reference label volume, same shape as ``pred``.
+        axis: slicing axis.
+        label: class to score.
+
+    Returns:
+        Float array of shape (pred.shape[axis],); NaN for slices where both masks are empty.
+    """
+    p, t = _masks(pred, truth, label)
+    p, t = np.moveaxis(p, axis, -1), np.moveaxis(t, axis, -1)
+    other = tuple(range(p.ndim - 1))
+    inter = np.count_nonzero(p & t, axis=other)
+    denom = np.count_nonzero(p, axis=other) + np.count_nonzero(t, axis=other)
+    out = np.full(denom.shape, np.nan)
+    nonempty = denom > 0
+    out[nonempty] = 2.0 * inter[nonempty] / denom[nonempty]
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def score_case(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], labels: Sequence[int]
+) -> dict:
+    """Score one case on each foreground label.
+
+    Args:
+        pred: predicted label volume, shape (D0, D1, D2).
+        truth: reference label volume, same shape as ``pred``.
+        spacing: voxel size in mm along each axis.
+        labels: foreground labels to score (0, background, is skipped).
+
+    Returns:
+        With one foreground label: ``{"dice", "iou", "hd95", "pred_volume_ml",
+        "true_volume_ml"}``. With several: the same keys, where ``dice``, ``iou`` and
+        ``hd95`` are means over labels ignoring NaN (a missed label makes ``hd95`` inf) and the
+        volumes are totals over labels, plus ``"per_label"``: ``{str(label): {...}}``.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    _check_shapes(pred, truth)
+    fg = [int(lab) for lab in labels if int(lab) != 0]
+    if not fg:
+        raise ValueError("labels must contain at least one foreground label")
+    per_label = {
+        str(lab): {
+            "dice": dice(pred, truth, lab),
+            "iou": iou(pred, truth, lab),
+            "hd95": hd95(pred, truth, spacing, lab),
+            "pred_volume_ml": volume_ml(pred, spacing, lab),
+            "true_volume_ml": volume_ml(truth, spacing, lab),
+        }
+        for lab in fg
+    }
+    if len(fg) == 1:
+        return per_label[str(fg[0])]
+    scores = list(per_label.values())
+    out: dict = {key: _nanmean([s[key] for s in scores]) for key in SUMMARY_KEYS}
+    for key in ("pred_volume_ml", "true_volume_ml"):
+        out[key] = float(sum(s[key] for s in scores))
+    out["per_label"] = per_label
+    return out
+
+
+def summarise(cases: Mapping[str, Mapping[str, float]]) -> dict:
+    """Aggregate per-case scores (as from :func:`score_case`) over cases.
+
+    NaN values (e.g. both masks empty) are left out. Infinite values (``hd95`` with a missed
+    or spurious structure) are left out of mean/std/median and counted in ``n_inf``.
+
+    Args:
+        cases: ``{case_id: {"dice": ..., "iou": ..., "hd95": ..., ...}}``.
+
+    Returns:
+        ``{"mean": {key: float}, "std": {key: float}, "median": {key: float},
+        "n_valid": {key: int}, "n_inf": {key: int}, "n_cases": int}`` for keys
+        ``dice``, ``iou``, ``hd95``; std is the population std (ddof=0); a statistic with no
+        finite value is NaN.
+    """
+    out: dict = {"mean": {}, "std": {}, "median": {}, "n_valid": {}, "n_inf": {}}
+    for key in SUMMARY_KEYS:
+        values = np.array([float(c.get(key, math.nan)) for c in cases.values()], dtype=float)
+        finite = values[np.isfinite(values)]
+        out["n_valid"][key] = int(finite.size)
+        out["n_inf"][key] = int(np.isinf(values).sum())
+        for stat, fn in (("mean", np.mean), ("std", np.std), ("median", np.median)):
+            out[stat][key] = float(fn(finite)) if finite.size else math.nan
+    out["n_cases"] = len(cases)
+    return out

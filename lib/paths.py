@@ -1,0 +1,34 @@
+"""Where data, runs and the diary live.
+
+Relative paths are taken from the project root, so notebooks (run from notebooks/)
+and scripts (run from the root) agree. Environment variables override the defaults:
+``MSDSEG_DATA_ROOT`` (downloaded and generated datasets), ``MSDSEG_RUN_DIR``
+(the run folder when a notebook's ``run_dir`` parameter is None) and
+``MSDSEG_DIARY`` (the diary file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_DIR = "runs/demo"
+
+
+def project_path(path: str | Path) -> Path:
+    """``path`` made absolute against the project root (absolute paths are kept)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def data_root() -> Path:
+    """Folder for downloaded and generated datasets."""
+    return project_path(os.environ.get("MSDSEG_DATA_ROOT", "data"))
+
+
+def run_dir(path: str | Path | None = None) -> Path:
+    """The run folder: ``path``, else ``$MSDSEG_RUN_DIR``, else ``runs/demo``; created."""
+    out = project_path(path or os.environ.get("MSDSEG_RUN_DIR") or DEFAULT_RUN_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

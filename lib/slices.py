@@ -1,0 +1,243 @@
+"""Volume -> normalised, resized 2D axial slices, cached once per patient.
+
+Each patient becomes one compressed ``<case_id>.npz`` holding float16 images
+(Z, C, S, S), uint8 masks (Z, S, S) and its geometry. The cache folder is named by
+a hash of the conversion settings, and every file stores those settings and the
+source files' size and mtime: a cache built for other settings or other source
+files is rebuilt, never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lib.atomic import atomic_path
+from lib.msd import Case, MSDDataError, Task, Volume, load_volume
+
+CACHE_VERSION = 1
+HIST_BINS = np.linspace(-4.0, 6.0, 101)
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """How volumes become slices.
+
+    Attributes:
+        image_size: side of the square slices fed to the network.
+        clip_percentiles: MRI intensities are clipped to these per-volume percentiles,
+            then z-scored.
+        ct_window: CT intensities (HU) are clipped to this window, then scaled to
+            about [-1, 1].
+    """
+
+    image_size: int = 128
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+
+    def key(self) -> str:
+        """Short hash naming a cache built with these settings."""
+        blob = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+@dataclass
+class CaseMeta:
+    """Geometry and provenance of one cached patient."""
+
+    case_id: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    image_path: str
+    label_path: str
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SliceSet:
+    """Slices of several patients in compact arrays.
+
+    Attributes:
+        images: float16 (N, C, S, S), normalised intensities.
+        masks: uint8 (N, S, S), class ids.
+        case_ids: (N,) patient id of each slice.
+        slice_index: (N,) axial index of each slice in its volume.
+        cases: per-patient geometry, keyed by case id, in load order.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    case_ids: np.ndarray
+    slice_index: np.ndarray
+    cases: dict[str, CaseMeta]
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def patient(self, case_id: str) -> SliceSet:
+        """The slices of one patient, in axial order."""
+        return self.subset(np.flatnonzero(self.case_ids == case_id))
+
+    def subset(self, index: np.ndarray) -> SliceSet:
+        """A SliceSet of the slices at ``index``."""
+        ids = self.case_ids[index]
+        cases = {k: v for k, v in self.cases.items() if k in set(ids.tolist())}
+        return SliceSet(self.images[index], self.masks[index], ids, self.slice_index[index], cases)
+
+
+def normalise_volume(image: np.ndarray, is_ct: bool, cfg: SliceConfig) -> np.ndarray:
+    """Per-volume intensity normalisation.
+
+    Args:
+        image: float32 (C, X, Y, Z).
+        is_ct: CT is clipped to ``cfg.ct_window`` and scaled; MRI is percentile-clipped
+            and z-scored per channel.
+    """
+    out = np.empty_like(image, dtype=np.float32)
+    for c, channel in enumerate(image):
+        if is_ct:
+            lo, hi = cfg.ct_window
+            out[c] = (np.clip(channel, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
+        else:
+            lo, hi = np.percentile(channel, cfg.clip_percentiles)
+            clipped = np.clip(channel, lo, hi)
+            out[c] = (clipped - clipped.mean()) / max(float(clipped.std()), 1e-6)
+    return out
+
+
+def resize_slices(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize every axial slice to (size, size).
+
+    Args:
+        image: float32 (C, X, Y, Z); bilinear with antialiasing.
+        label: uint8 (X, Y, Z); nearest neighbour.
+
+    Returns:
+        images float16 (Z, C, S, S) and masks uint8 (Z, S, S).
+    """
+    img = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
+    lab = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))[:, None].float()
+    if img.shape[-2:] != (size, size):
+        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
+    return img.half().numpy(), lab[:, 0].to(torch.uint8).numpy()
+
+
+def volume_stats(volume: Volume, normalised: np.ndarray) -> dict:
+    """Numbers notebook 01 shows: raw percentiles, normalised histogram, foreground."""
+    raw = volume.image
+    fg_per_slice = (volume.label > 0).mean(axis=(0, 1))
+    return {
+        "raw_percentiles": {str(p): float(v) for p, v in zip((0.5, 50, 99.5), np.percentile(raw, (0.5, 50, 99.5)))},
+        "norm_hist": np.histogram(normalised, bins=HIST_BINS)[0].tolist(),
+        "foreground_fraction": float((volume.label > 0).mean()),
+        "foreground_slices": int((fg_per_slice > 0).sum()),
+        "class_voxels": {str(k): int(v) for k, v in zip(*np.unique(volume.label, return_counts=True))},
+    }
+
+
+def _source_signature(case: Case) -> dict:
+    return {role: [p.stat().st_size, p.stat().st_mtime_ns] for role, p in (("image", case.image), ("label", case.label))}
+
+
+def _fingerprint(case: Case, cfg: SliceConfig) -> str:
+    return json.dumps({"v": CACHE_VERSION, "cfg": asdict(cfg), "src": _source_signature(case)}, sort_keys=True)
+
+
+def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Path:
+    """Convert one patient to its cache file (written atomically)."""
+    volume = load_volume(task, case)
+    norm = normalise_volume(volume.image, task.is_ct, cfg)
+    images, masks = resize_slices(norm, volume.label, cfg.image_size)
+    meta = {
+        "fingerprint": _fingerprint(case, cfg),
+        "case_id": case.case_id,
+        "shape": list(volume.label.shape),
+        "spacing": list(volume.spacing),
+        "affine": volume.affine.tolist(),
+        "image_path": str(case.image),
+        "label_path": str(case.label),
+        "stats": volume_stats(volume, norm),
+    }
+    with atomic_path(out_path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images, masks=masks, meta=np.array(json.dumps(meta)))
+    return out_path
+
+
+def cache_dir_for(root: str | Path, task: Task, cfg: SliceConfig) -> Path:
+    """``root/<task name>_<size>px_<settings hash>``."""
+    return Path(root) / f"{task.root.name}_{cfg.image_size}px_{cfg.key()}"
+
+
+def _is_fresh(path: Path, case: Case, cfg: SliceConfig) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError):
+        return False
+    return meta.get("fingerprint") == _fingerprint(case, cfg)
+
+
+def build_cache(task: Task, cache_root: str | Path, cfg: SliceConfig, *, workers: int = 2, progress: bool = True) -> Path:
+    """Convert every patient of ``task`` whose cache file is missing or stale.
+
+    Returns:
+        The cache folder (see :func:`cache_dir_for`).
+    """
+    out_dir = cache_dir_for(cache_root, task, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in task.cases if not _is_fresh(out_dir / f"{c.case_id}.npz", c, cfg)]
+    if not todo:
+        return out_dir
+    bar = tqdm(total=len(todo), desc="slices", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(convert_case, task, c, cfg, out_dir / f"{c.case_id}.npz") for c in todo]
+            for fut in futures:
+                fut.result()
+                bar.update()
+    else:
+        for case in todo:
+            convert_case(task, case, cfg, out_dir / f"{case.case_id}.npz")
+            bar.update()
+    bar.close()
+    return out_dir
+
+
+def load_slices(cache_dir: str | Path, case_ids: list[str]) -> SliceSet:
+    """Load the cached slices of ``case_ids`` (in that order) into one SliceSet."""
+    cache_dir = Path(cache_dir)
+    images, masks, ids, index, cases = [], [], [], [], {}
+    for case_id in case_ids:
+        path = cache_dir / f"{case_id}.npz"
+        if not path.is_file():
+            raise MSDDataError(f"{path}: no cached slices for patient {case_id!r}; run build_cache first")
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            images.append(z["images"])
+            masks.append(z["masks"])
+        n = len(masks[-1])
+        ids.append(np.full(n, case_id, dtype=object))
+        index.append(np.arange(n, dtype=np.int32))
+        cases[case_id] = CaseMeta(
+            case_id, tuple(meta["shape"]), tuple(meta["spacing"]), np.array(meta["affine"]),
+            meta["image_path"], meta["label_path"], meta["stats"],
+        )
+    if not images:
+        raise MSDDataError(f"{cache_dir}: no patients requested")
+    return SliceSet(
+        np.concatenate(images), np.concatenate(masks), np.concatenate(ids).astype(str),
+        np.concatenate(index), cases,
+    )

@@ -1,0 +1,290 @@
+"""One training loop for every segmentation notebook.
+
+Dice + BCE (binary) or Dice + cross-entropy (multi-class), AdamW with warm-up and
+cosine decay, batched on-device augmentation, AMP and channels-last on GPU,
+validation every epoch on per-patient 3D Dice, best-checkpoint keeping, early
+stopping, a time budget, and resume from ``last.pt`` after an interruption.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lib.atomic import write_json
+from lib.augment import AugmentConfig, augment_batch
+from lib.checkpoint import check_compatible, read_checkpoint, save_checkpoint
+from lib.env import get_device, seed_everything
+from lib.inference import predict_probs
+from lib.metrics import dice_from_counts
+from lib.models import ModelConfig, build_model
+from lib.slices import SliceSet
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters.
+
+    Attributes:
+        epochs: maximum number of epochs (one epoch = as many samples as training slices).
+        time_budget_min: stop gracefully once this many minutes of training are spent.
+        foreground_share: expected share of sampled slices that contain foreground
+            (nnU-Net oversamples foreground too); None samples uniformly.
+        patience: early stopping after this many epochs without a better val Dice.
+        augment: augmentation settings, or None for no augmentation.
+    """
+
+    epochs: int = 30
+    time_budget_min: float | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    foreground_share: float | None = 0.5
+    patience: int | None = 15
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the best model, its history and timings."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_dice: float
+    stopped: str
+    train_seconds: float
+    out_dir: Path
+
+
+def loss_fn(num_classes: int) -> nn.Module:
+    """Dice + BCE for binary tasks, Dice + cross-entropy for multi-class (smp losses)."""
+    if num_classes == 2:
+        dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+        return _Sum(dice, lambda logits, y: F.binary_cross_entropy_with_logits(logits[:, 0], y.float()))
+    dice = smp.losses.DiceLoss(smp.losses.MULTICLASS_MODE, from_logits=True)
+    return _Sum(dice, F.cross_entropy)
+
+
+class _Sum(nn.Module):
+    def __init__(self, dice: nn.Module, ce: Any) -> None:
+        super().__init__()
+        self.dice, self.ce = dice, ce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits.float(), target) + self.ce(logits.float(), target)
+
+
+def sample_indices(masks: np.ndarray, n: int, share: float | None, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n`` slice indices with about ``share`` of them containing foreground."""
+    if share is None:
+        return rng.permutation(len(masks))[:n] if n <= len(masks) else rng.integers(0, len(masks), n)
+    has_fg = masks.reshape(len(masks), -1).max(axis=1) > 0
+    fg, bg = np.flatnonzero(has_fg), np.flatnonzero(~has_fg)
+    if len(fg) == 0 or len(bg) == 0:
+        return rng.integers(0, len(masks), n)
+    n_fg = rng.binomial(n, share)
+    return rng.permutation(np.concatenate([rng.choice(fg, n_fg), rng.choice(bg, n - n_fg)]))
+
+
+def patient_dice(probs: torch.Tensor, truth: np.ndarray, case_ids: np.ndarray) -> dict[str, float]:
+    """Per-patient 3D Dice from slice probabilities (mean over foreground classes).
+
+    Args:
+        probs: (N, K, H, W) class probabilities of the slices.
+        truth: (N, H, W) true class ids.
+        case_ids: (N,) patient of each slice.
+    """
+    pred = probs.argmax(1).numpy()
+    out: dict[str, float] = {}
+    for cid in dict.fromkeys(case_ids.tolist()):
+        sel = case_ids == cid
+        p, t = pred[sel], truth[sel]
+        scores = [
+            dice_from_counts(int(((p == k) & (t == k)).sum()), int((p == k).sum()), int((t == k).sum()))
+            for k in range(1, probs.shape[1])
+        ]
+        out[cid] = float(np.nanmean(scores)) if not np.all(np.isnan(scores)) else float("nan")
+    return out
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
+
+
+def fit(
+    train: SliceSet,
+    val: SliceSet,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    data: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> FitResult:
+    """Train (or resume training of) a model; keep ``best.pt`` and ``last.pt`` in ``out_dir``.
+
+    Args:
+        train, val: training and validation slices (different patients).
+        model_cfg: architecture; checked against ``data["image_size"]``.
+        cfg: hyperparameters.
+        out_dir: run folder of this model; holds checkpoints and history.
+        data: data settings stored with the checkpoints (image_size, labels, ...).
+
+    Raises:
+        FloatingPointError: the loss became NaN/inf; ``last.pt`` still holds the last
+            finished epoch.
+        ValueError: ``out_dir`` holds a checkpoint of another model or data setting.
+    """
+    if len(val) == 0:
+        raise ValueError("validation set is empty: the split needs at least one val patient")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = get_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_model(model_cfg, data["image_size"]).to(device)
+    use_cl = cfg.channels_last and device.type == "cuda"
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=amp and not torch.cuda.is_bf16_supported())
+    criterion = loss_fn(model_cfg.num_classes)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    history: list[dict[str, Any]] = []
+    best_dice, best_epoch, start_epoch, spent = -1.0, 0, 0, 0.0
+
+    last = out_dir / "last.pt"
+    if last.exists():
+        state = read_checkpoint(last)
+        check_compatible(state, {"model_config": model_cfg.to_dict(), "data": data}, str(last))
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["generator"])
+        rng.bit_generator.state = state["rng"]
+        history, best_dice, best_epoch = state["history"], state["best_val_dice"], state["best_epoch"]
+        start_epoch, spent = state["epoch"], state["train_seconds"]
+        print(f"resuming from {last} at epoch {start_epoch}")
+
+    train_x = torch.from_numpy(train.images).to(device)
+    train_y = torch.from_numpy(train.masks).to(device)
+    budget = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
+    t_start, stopped = time.perf_counter(), "epochs"
+    if best_epoch and start_epoch - best_epoch >= (cfg.patience or math.inf):
+        stopped = "early stopping"
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if stopped != "epochs":
+            break
+        model.train()
+        t_epoch, wait, losses = time.perf_counter(), 0.0, []
+        idx = torch.from_numpy(sample_indices(train.masks, steps_per_epoch * cfg.batch_size, cfg.foreground_share, rng))
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            t0 = time.perf_counter()
+            sel = idx[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            x, y = train_x[sel].float(), train_y[sel].long()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wait += time.perf_counter() - t0
+            if cfg.augment is not None:
+                x, y = augment_batch(x, y, cfg.augment, gen)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                loss = criterion(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. "
+                    f"{last} still holds epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1}; "
+                    "lower the learning rate or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if spent + time.perf_counter() - t_start > budget:
+                stopped = "time budget"
+                break
+        epoch_seconds = time.perf_counter() - t_epoch
+        probs = predict_probs(model, val.images, device=device, batch_size=cfg.eval_batch_size, amp=amp)
+        val_loss = float(criterion(_logits_like(probs, model_cfg), torch.from_numpy(val.masks).long()))
+        dices = patient_dice(probs, val.masks, val.case_ids)
+        val_dice = float(np.nanmean(list(dices.values()))) if dices else float("nan")
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_dice": val_dice,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": epoch_seconds,
+            "data_wait_share": wait / epoch_seconds,
+            "slices_per_s": len(losses) * cfg.batch_size / epoch_seconds,
+        }
+        history.append(row)
+        elapsed = spent + time.perf_counter() - t_start
+        meta = {"history": history, "train_seconds": elapsed, "train_config": cfg.to_dict()}
+        if val_dice > best_dice:
+            best_dice, best_epoch = val_dice, epoch
+            save_checkpoint(out_dir / "best.pt", model, model_cfg, data, epoch=epoch, best_val_dice=best_dice, **meta)
+        save_checkpoint(
+            last, model, model_cfg, data, epoch=epoch, best_val_dice=best_dice, best_epoch=best_epoch,
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+            generator=gen.get_state(), rng=rng.bit_generator.state, **meta,
+        )
+        write_json(out_dir / "history.json", history)
+        if progress:
+            print(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  val Dice {val_dice:.4f}")
+        if cfg.patience and epoch - best_epoch >= cfg.patience:
+            stopped = "early stopping"
+    best = read_checkpoint(out_dir / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    model.eval()
+    train_seconds = spent + time.perf_counter() - t_start if history else spent
+    return FitResult(model, history, best_epoch, best_dice, stopped, train_seconds, out_dir)
+
+
+def _logits_like(probs: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
+    """Turn probabilities back into logits for the validation loss."""
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    if model_cfg.out_channels == 1:
+        p = probs[:, 1:2]
+        return torch.log(p) - torch.log1p(-p)
+    return torch.log(probs)

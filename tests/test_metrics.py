@@ -1,0 +1,263 @@
+"""Tests for lib.metrics against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from lib.metrics import (
+    dice,
+    dice_from_counts,
+    hd95,
+    iou,
+    per_slice_dice,
+    score_case,
+    summarise,
+    volume_ml,
+)
+
+
+def _two_cubes() -> tuple[np.ndarray, np.ndarray]:
+    """4x4x4 cubes overlapping in a 2x2x4 block: |P| = |T| = 64, |P & T| = 16."""
+    pred = np.zeros((8, 8, 6), dtype=np.uint8)
+    truth = np.zeros_like(pred)
+    pred[0:4, 0:4, 0:4] = 1
+    truth[2:6, 2:6, 0:4] = 1
+    return pred, truth
+
+
+def _reference_hd95(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Brute-force surface HD95: surfaces by 6-neighbour erosion, KD-tree distances."""
+
+    def surface_points(m: np.ndarray) -> np.ndarray:
+        return np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing)
+
+    sp, st = surface_points(p), surface_points(t)
+    d_pt = cKDTree(st).query(sp)[0]
+    d_tp = cKDTree(sp).query(st)[0]
+    return max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
+
+
+def test_dice_iou_overlapping_cubes() -> None:
+    pred, truth = _two_cubes()
+    assert dice(pred, truth) == pytest.approx(2 * 16 / 128)
+    assert iou(pred, truth) == pytest.approx(16 / 112)
+    assert dice(pred, pred) == 1.0
+    assert iou(pred, pred) == 1.0
+    assert isinstance(dice(pred, truth), float)
+    assert isinstance(iou(pred, truth), float)
+
+
+def test_dice_iou_use_label() -> None:
+    pred, truth = _two_cubes()
+    assert dice(pred * 3, truth * 3, label=3) == pytest.approx(0.25)
+    assert math.isnan(dice(pred * 3, truth * 3, label=1))
+
+
+def test_dice_iou_2d() -> None:
+    pred = np.array([[1, 1, 0], [0, 0, 0]])
+    truth = np.array([[1, 0, 0], [1, 0, 0]])
+    assert dice(pred, truth) == pytest.approx(0.5)
+    assert iou(pred, truth) == pytest.approx(1 / 3)
+
+
+def test_empty_conventions() -> None:
+    empty = np.zeros((5, 5, 5), dtype=np.uint8)
+    full = empty.copy()
+    full[1:3, 1:3, 1:3] = 1
+    spacing = (1.0, 1.0, 1.0)
+    assert math.isnan(dice(empty, empty))
+    assert math.isnan(iou(empty, empty))
+    assert math.isnan(hd95(empty, empty, spacing))
+    for a, b in ((empty, full), (full, empty)):
+        assert dice(a, b) == 0.0
+        assert iou(a, b) == 0.0
+        assert hd95(a, b, spacing) == math.inf
+
+
+def test_shape_mismatch_raises() -> None:
+    a = np.zeros((4, 4, 4), dtype=np.uint8)
+    b = np.zeros((4, 4, 5), dtype=np.uint8)
+    for fn in (dice, iou):
+        with pytest.raises(ValueError, match="same shape"):
+            fn(a, b)
+    with pytest.raises(ValueError, match="same shape"):
+        hd95(a, b, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        score_case(a, b, (1.0, 1.0, 1.0), [1])
+
+
+def test_hd95_single_voxel_shift_anisotropic() -> None:
+    pred = np.zeros((6, 6, 8), dtype=np.uint8)
+    truth = np.zeros_like(pred)
+    pred[3, 3, 2] = 1
+    truth[3, 3, 4] = 1
+    assert hd95(pred, truth, (0.7, 1.3, 2.5)) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    ("axis", "spacing", "expected"),
+    [
+        (2, (1.0, 1.0, 2.5), 5.0),
+        (2, (0.5, 0.8, 2.5), 5.0),
+        (0, (3.0, 1.0, 1.0), 6.0),
+    ],
+)
+def test_hd95_cube_shift(axis: int, spacing: tuple[float, ...], expected: float) -> None:
+    # A 10x10x6 box shifted by 2 voxels along its short axis: every surface voxel of the
+    # leading face is exactly 2 voxels from the other surface (100 of 344 surface voxels),
+    # and no surface voxel is farther, so the 95th percentile is 2 * spacing[axis].
+    pred = np.zeros((14, 14, 14), dtype=np.uint8)
+    box = [slice(2, 12), slice(2, 12), slice(2, 12)]
+    box[axis] = slice(2, 8)
+    pred[tuple(box)] = 1
+    truth = np.roll(pred, 2, axis=axis)
+    assert hd95(pred, truth, spacing) == pytest.approx(expected)
+    assert hd95(truth, pred, spacing) == pytest.approx(expected)
+
+
+def test_hd95_is_surface_based() -> None:
+    # 2D: a filled 9x9 square with a centred 3x3 square inside it. Distances from the 32
+    # outer-ring pixels to the inner square's ring: 4 corners sqrt(18), 8 at sqrt(13), 8 at
+    # sqrt(10), 12 at 3; the inner ring is 3 from the outer ring everywhere. The 95th
+    # percentile (index 0.95 * 31 = 29.45 of the sorted 32) is sqrt(18). A volume-based
+    # HD95 over all 81 pixels would give sqrt(13) instead.
+    outer = np.zeros((13, 13), dtype=np.uint8)
+    outer[2:11, 2:11] = 1
+    inner = np.zeros_like(outer)
+    inner[5:8, 5:8] = 1
+    assert hd95(outer, inner, (2.0, 2.0)) == pytest.approx(2.0 * math.sqrt(18))
+
+
+def test_hd95_matches_bruteforce_reference() -> None:
+    rng = np.random.default_rng(0)
+    spacing = (0.8, 1.1, 3.0)
+    shape = (24, 20, 12)
+    pred = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+    truth = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+    assert pred.any() and truth.any()
+    expected = _reference_hd95(pred, truth, spacing)
+    assert hd95(pred.astype(np.uint8), truth.astype(np.uint8), spacing) == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_hd95_spacing_length_checked() -> None:
+    pred, truth = _two_cubes()
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(pred, truth, (1.0, 1.0))
+
+
+def test_volume_ml() -> None:
+    mask = np.zeros((12, 12, 12), dtype=np.uint8)
+    mask[1:11, 1:11, 1:11] = 2
+    assert volume_ml(mask, (1.0, 1.0, 1.0), label=2) == pytest.approx(1.0)
+    assert volume_ml(mask, (2.0, 1.0, 1.0), label=2) == pytest.approx(2.0)
+    assert volume_ml(mask, (1.0, 1.0, 1.0), label=1) == 0.0
+
+
+def test_per_slice_dice() -> None:
+    pred = np.zeros((4, 5, 4), dtype=np.uint8)
+    truth = np.zeros_like(pred)
+    # slice 0: both empty -> NaN
+    pred[0, 0, 1] = 1  # slice 1: prediction only -> 0
+    pred[1:3, 1:3, 2] = 1  # slice 2: identical -> 1
+    truth[1:3, 1:3, 2] = 1
+    pred[0:2, 0:2, 3] = 1  # slice 3: 4 vs 2 voxels, 2 shared -> 4/6
+    truth[0:2, 0, 3] = 1
+    out = per_slice_dice(pred, truth)
+    assert out.shape == (4,)
+    assert math.isnan(out[0])
+    np.testing.assert_allclose(out[1:], [0.0, 1.0, 4 / 6])
+    assert per_slice_dice(pred, truth, axis=0).shape == (4,)
+    assert per_slice_dice(pred, truth, axis=1).shape == (5,)
+    np.testing.assert_allclose(per_slice_dice(pred, truth, axis=2), out)
+
+
+def test_dice_from_counts() -> None:
+    assert dice_from_counts(10, 15, 25) == pytest.approx(0.5)
+    assert math.isnan(dice_from_counts(0, 0, 0))
+    assert dice_from_counts(0, 5, 0) == 0.0
+
+
+def test_dice_from_counts_accumulated_over_slices_equals_3d() -> None:
+    rng = np.random.default_rng(1)
+    pred = (rng.random((6, 7, 9)) > 0.6).astype(np.uint8)
+    truth = (rng.random((6, 7, 9)) > 0.5).astype(np.uint8)
+    inter = psum = tsum = 0
+    for z in range(pred.shape[-1]):
+        p, t = pred[..., z] == 1, truth[..., z] == 1
+        inter += int((p & t).sum())
+        psum += int(p.sum())
+        tsum += int(t.sum())
+    assert dice_from_counts(inter, psum, tsum) == pytest.approx(dice(pred, truth))
+
+
+def test_score_case_single_label() -> None:
+    pred, truth = _two_cubes()
+    scores = score_case(pred, truth, (1.0, 1.0, 2.0), labels=[0, 1])
+    assert set(scores) == {"dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml"}
+    assert scores["dice"] == pytest.approx(0.25)
+    assert scores["iou"] == pytest.approx(1 / 7)
+    assert scores["pred_volume_ml"] == pytest.approx(64 * 2 / 1000)
+    assert scores["true_volume_ml"] == pytest.approx(64 * 2 / 1000)
+    assert scores["hd95"] == pytest.approx(hd95(pred, truth, (1.0, 1.0, 2.0)))
+    assert all(isinstance(v, float) for v in scores.values())
+
+
+def test_score_case_multiclass() -> None:
+    truth = np.zeros((10, 10, 10), dtype=np.uint8)
+    truth[1:4, 1:4, 1:4] = 1
+    truth[6:9, 6:9, 6:9] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 0  # label 2 missed entirely
+    spacing = (1.0, 1.0, 1.0)
+    scores = score_case(pred, truth, spacing, labels=[1, 2, 3])  # label 3 absent in both
+    per = scores["per_label"]
+    assert set(per) == {"1", "2", "3"}
+    assert per["1"]["dice"] == 1.0 and per["1"]["hd95"] == 0.0
+    assert per["2"]["dice"] == 0.0 and per["2"]["hd95"] == math.inf
+    assert per["2"]["pred_volume_ml"] == 0.0
+    assert per["2"]["true_volume_ml"] == pytest.approx(0.027)
+    assert math.isnan(per["3"]["dice"]) and math.isnan(per["3"]["hd95"])
+    assert scores["dice"] == pytest.approx(0.5)  # mean of 1 and 0, NaN ignored
+    assert scores["iou"] == pytest.approx(0.5)
+    assert scores["hd95"] == math.inf
+    assert scores["pred_volume_ml"] == pytest.approx(0.027)
+    assert scores["true_volume_ml"] == pytest.approx(0.054)
+
+    partial = score_case(truth, truth, spacing, labels=[1, 2, 3])
+    assert partial["dice"] == 1.0 and partial["hd95"] == 0.0
+
+
+def test_summarise_ignores_nan_and_counts_inf() -> None:
+    cases = {
+        "a": {"dice": 1.0, "iou": 1.0, "hd95": 1.0, "pred_volume_ml": 3.0},
+        "b": {"dice": 0.5, "iou": 1 / 3, "hd95": 3.0},
+        "c": {"dice": math.nan, "iou": math.nan, "hd95": math.nan},
+        "d": {"dice": 0.0, "iou": 0.0, "hd95": math.inf},
+    }
+    out = summarise(cases)
+    assert out["n_cases"] == 4
+    assert set(out["mean"]) == {"dice", "iou", "hd95"}
+    assert out["mean"]["dice"] == pytest.approx(0.5)
+    assert out["std"]["dice"] == pytest.approx(np.std([1.0, 0.5, 0.0]))
+    assert out["median"]["dice"] == pytest.approx(0.5)
+    assert out["n_valid"]["dice"] == 3
+    assert out["mean"]["hd95"] == pytest.approx(2.0)
+    assert out["std"]["hd95"] == pytest.approx(1.0)
+    assert out["median"]["hd95"] == pytest.approx(2.0)
+    assert out["n_valid"]["hd95"] == 2
+    assert out["n_inf"]["hd95"] == 1
+    assert out["n_inf"]["dice"] == 0
+
+
+def test_summarise_all_nan() -> None:
+    out = summarise({"a": {"dice": math.nan, "iou": math.nan, "hd95": math.inf}})
+    assert math.isnan(out["mean"]["dice"])
+    assert math.isnan(out["mean"]["hd95"])
+    assert out["n_inf"]["hd95"] == 1

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+
+from lib import train as train_mod
+from lib.checkpoint import load_model, read_checkpoint
+from lib.inference import predict_probs
+from lib.models import ModelConfig, build_model, check_image_size
+from lib.msd import read_task
+from lib.slices import SliceConfig, build_cache, load_slices
+from lib.train import TrainConfig, fit, patient_dice, sample_indices
+from tests.helpers import make_task
+
+SIZE = 32
+DATA = {"image_size": SIZE, "num_classes": 2}
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    task = read_task(make_task(root / "t", 5, shape=(40, 40, 10)))
+    cache = build_cache(task, root / "cache", SliceConfig(image_size=SIZE), workers=1, progress=False)
+    return load_slices(cache, ["p00", "p01", "p02"]), load_slices(cache, ["p03"]), load_slices(cache, ["p04"])
+
+
+def small_model(**kw):
+    return ModelConfig(arch="unet", encoder_name="resnet18", encoder_depth=3,
+                       decoder={"decoder_channels": [32, 16, 8]}, **kw)
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, augment=None, device="cpu", patience=None)
+    return TrainConfig(**(base | kw))
+
+
+def test_loss_falls_and_model_learns(sets, tmp_path):
+    train, val, _ = sets
+    result = fit(train, val, small_model(), cfg(epochs=6), tmp_path, DATA, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.best_val_dice > 0.5
+    assert {"epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds", "data_wait_share"} <= set(result.history[0])
+
+
+def test_save_load_gives_identical_predictions(sets, tmp_path):
+    train, val, test = sets
+    result = fit(train, val, small_model(), cfg(epochs=1), tmp_path, DATA, progress=False)
+    model, meta = load_model(tmp_path / "best.pt", expected={"data": DATA})
+    assert meta["model_config"]["arch"] == "unet" and meta["data"] == DATA
+    a = predict_probs(result.model, test.images)
+    b = predict_probs(model, test.images)
+    assert torch.equal(a, b)
+
+
+def test_interrupted_run_resumes_exactly(sets, tmp_path, monkeypatch):
+    train, val, _ = sets
+    run_cfg = cfg(epochs=3, augment=train_mod.AugmentConfig())
+    straight = fit(train, val, small_model(), run_cfg, tmp_path / "a", DATA, progress=False)
+    calls = {"n": 0}
+    real_predict = train_mod.predict_probs
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # e.g. a Colab disconnect during epoch 2's validation
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "predict_probs", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, val, small_model(), run_cfg, tmp_path / "b", DATA, progress=False)
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(train_mod, "predict_probs", real_predict)
+    resumed = fit(train, val, small_model(), run_cfg, tmp_path / "b", DATA, progress=False)
+    assert len(resumed.history) == 3
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in straight.history])
+    last_a, last_b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "b" / "last.pt")
+    for k in last_a["state_dict"]:
+        assert torch.allclose(last_a["state_dict"][k].float(), last_b["state_dict"][k].float(), atol=1e-5), k
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(sets, tmp_path, monkeypatch):
+    train, val, _ = sets
+    fit(train, val, small_model(), cfg(epochs=1), tmp_path, DATA, progress=False)
+    good = read_checkpoint(tmp_path / "last.pt")
+
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, target):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(train_mod, "loss_fn", lambda num_classes: NanLoss())
+    with pytest.raises(FloatingPointError, match="epoch 2"):
+        fit(train, val, small_model(), cfg(epochs=2), tmp_path, DATA, progress=False)
+    kept = read_checkpoint(tmp_path / "last.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.equal(good["state_dict"][k], kept["state_dict"][k]) for k in good["state_dict"])
+
+
+def test_checkpoint_of_other_architecture_or_data_is_refused(sets, tmp_path):
+    train, val, _ = sets
+    fit(train, val, small_model(), cfg(epochs=1), tmp_path, DATA, progress=False)
+    with pytest.raises(ValueError, match="arch"):
+        fit(train, val, ModelConfig(arch="fpn", encoder_depth=3), cfg(epochs=2), tmp_path, DATA, progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        load_model(tmp_path / "best.pt", expected={"data": {"image_size": 64}})
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_model(tmp_path / "junk.pt")
+
+
+def test_time_budget_stops_gracefully(sets, tmp_path):
+    train, val, _ = sets
+    result = fit(train, val, small_model(), cfg(epochs=50, time_budget_min=1e-6), tmp_path, DATA, progress=False)
+    assert result.stopped == "time budget" and len(result.history) == 1
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_early_stopping(sets, tmp_path):
+    train, val, _ = sets
+    result = fit(train, val, small_model(), cfg(epochs=20, lr=1e-9, warmup_steps=1, patience=2), tmp_path, DATA,
+                 progress=False)
+    assert result.stopped == "early stopping" and len(result.history) < 20
+
+
+def test_bad_model_requests():
+    with pytest.raises(KeyError, match="unknown architecture"):
+        build_model(ModelConfig(arch="unetzz"))
+    with pytest.raises(KeyError, match="unknown encoder"):
+        build_model(ModelConfig(encoder_name="resnet9000"))
+    with pytest.raises(ValueError, match="not divisible by 32"):
+        check_image_size(ModelConfig(arch="unet"), 100)
+    check_image_size(ModelConfig(arch="pspnet"), 72)  # PSPNet's default depth 3: stride 8
+
+
+def test_imagenet_offline_is_explained(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="encoder_weights=None"):
+        build_model(ModelConfig(encoder_weights="imagenet"))
+
+
+def test_foreground_oversampling():
+    masks = np.zeros((100, 4, 4), np.uint8)
+    masks[:10, 0, 0] = 1
+    idx = sample_indices(masks, 1000, 0.5, np.random.default_rng(0))
+    share = (masks[idx].reshape(1000, -1).max(1) > 0).mean()
+    assert 0.45 < share < 0.55
+
+
+def test_patient_dice_3d():
+    probs = torch.zeros(4, 2, 2, 2)
+    probs[:, 0] = 1
+    probs[0, :, 0, 0] = torch.tensor([0.0, 1.0])  # patient a predicts one voxel
+    truth = np.zeros((4, 2, 2), np.uint8)
+    truth[0, 0, 0] = truth[1, 0, 0] = 1  # patient a has two voxels
+    out = patient_dice(probs, truth, np.array(["a", "a", "b", "b"]))
+    assert out["a"] == pytest.approx(2 / 3) and np.isnan(out["b"])
