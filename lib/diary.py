@@ -42,6 +42,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _relative(path: str | Path) -> str:
+    """A path relative to the project root when it lies inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def format_entry(
     title: str,
     *,
@@ -65,7 +74,7 @@ def format_entry(
         *[f"  - {k}: {_fmt(v)}" for k, v in results.items()],
     ]
     if figures:
-        lines.append("- **Figures**: " + ", ".join(f"`{f}`" for f in figures))
+        lines.append("- **Figures**: " + ", ".join(f"`{_relative(f)}`" for f in figures))
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"

@@ -125,8 +125,13 @@ def choose_learning_rate(run: Run, model_cfg: ModelConfig, train_cfg: TrainConfi
 
 
 def architecture_study(run: Run, base: ModelConfig, train_cfg: TrainConfig, variants: dict[str, dict[str, Any]],
-                       *, device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Train and test each U-Net variant (changes applied to ``base``) as ``unet_<variant>``."""
+                       *, epochs: int | None = None, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Train and test each U-Net variant (changes applied to ``base``) as ``unet_<variant>``.
+
+    Args:
+        epochs: epochs of each variant (default: ``train_cfg.epochs``).
+    """
+    train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs)
     for variant, change in variants.items():
         cfg = replace(base, **change)
         name = f"unet_{variant}"

@@ -241,3 +241,37 @@ def load_slices(cache_dir: str | Path, case_ids: list[str]) -> SliceSet:
         np.concatenate(images), np.concatenate(masks), np.concatenate(ids).astype(str),
         np.concatenate(index), cases,
     )
+
+
+def concat(*sets: SliceSet) -> SliceSet:
+    """Join SliceSets (e.g. real and synthetic training slices)."""
+    return SliceSet(
+        np.concatenate([s.images for s in sets]),
+        np.concatenate([s.masks for s in sets]),
+        np.concatenate([s.case_ids for s in sets]),
+        np.concatenate([s.slice_index for s in sets]),
+        {k: v for s in sets for k, v in s.cases.items()},
+    )
+
+
+def save_pairs(path: str | Path, images: np.ndarray, masks: np.ndarray, meta: dict | None = None) -> Path:
+    """Save generated image+mask pairs in the cache format (float16 images, uint8 masks).
+
+    Args:
+        images: (N, C, H, W) normalised intensities; masks: (N, H, W) class ids.
+    """
+    if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"{path}: images {images.shape} and masks {masks.shape} do not pair up")
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images.astype(np.float16), masks=masks.astype(np.uint8),
+                     meta=np.array(json.dumps(meta or {})))
+    return Path(path)
+
+
+def load_pairs(path: str | Path, source: str = "synthetic") -> SliceSet:
+    """Load pairs saved by :func:`save_pairs` as a SliceSet that training reads directly."""
+    with np.load(path) as z:
+        images, masks = z["images"], z["masks"]
+    n = len(masks)
+    return SliceSet(images, masks, np.full(n, source), np.arange(n, dtype=np.int32), {})

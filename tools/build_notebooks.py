@@ -282,7 +282,7 @@ Each variant changes one thing of the U-Net (encoder depth, decoder width, scSE 
 trained with the same budget and scored on the same test patients.
 """),
     code("""
-variant_table = segment.architecture_study(run, model_cfg, train_cfg, unet_variants, device=dev)
+variant_table = segment.architecture_study(run, model_cfg, train_cfg, unet_variants, epochs=variant_epochs, device=dev)
 display(variant_table.round(3))"""),
     md("""
 ## PSPNet vs FPN vs U-Net, and a recommendation
@@ -312,7 +312,8 @@ diary.append_entry(
 
 UNET_PARAMS_EXTRA = """
 hp_lrs = [3e-4, 1e-3, 3e-3]  # learning rates compared on the validation split
-hp_epochs = 2  # epochs of each short hyperparameter run
+hp_epochs = 1  # epochs of each short hyperparameter run
+variant_epochs = 2  # epochs of each architecture variant (the main U-Net uses `epochs`)
 unet_variants = {  # architecture changes, each trained like the main U-Net
     "depth4": {"encoder_depth": 4, "decoder": {"decoder_channels": [256, 128, 64, 32]}},
     "narrow": {"decoder": {"decoder_channels": [64, 32, 16, 8, 4]}},

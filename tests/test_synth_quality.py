@@ -1,0 +1,146 @@
+"""Tests for lib.synth_quality on tiny synthetic data (32x32, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from lib.synth_quality import (
+    diversity_msssim,
+    encoder_features,
+    frechet_distance,
+    mask_agreement,
+    memorisation_distance,
+    memorisation_summary,
+    quality_table,
+    sharpness,
+    sharpness_ratio,
+)
+
+SIZE = 32
+
+
+def make_discs(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images with bright discs (class 1); every third slice is empty."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    images = rng.normal(0, 0.3, (n, 1, SIZE, SIZE)).astype(np.float32)
+    masks = np.zeros((n, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        if i % 3 == 0:
+            continue
+        cy, cx = rng.uniform(10, SIZE - 10, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(4, 7) ** 2
+        masks[i][disc] = 1
+        images[i, 0][disc] += 3.0
+    return images, masks
+
+
+class TinyEncoder(nn.Module):
+    """Returns a list of feature maps, deepest last, like smp encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f1 = torch.relu(self.a(x))
+        return [x, f1, torch.relu(self.b(f1))]
+
+
+def threshold_predictor(images: np.ndarray) -> np.ndarray:
+    return (images[:, 0] > 1.5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return make_discs()
+
+
+def test_blur_lowers_sharpness(data):
+    images = data[0]
+    blurred = gaussian_filter(images, sigma=(0, 0, 1.5, 1.5))
+    assert sharpness(blurred) < 0.5 * sharpness(images)
+    assert sharpness_ratio(blurred, images) < 0.5
+    assert sharpness_ratio(images, images) == pytest.approx(1.0)
+
+
+def test_msssim_diversity():
+    rng = np.random.default_rng(0)
+    same = np.repeat(rng.normal(0, 1, (1, 1, SIZE, SIZE)).astype(np.float32), 6, axis=0)
+    assert diversity_msssim(same, n_pairs=20) == pytest.approx(1.0, abs=1e-4)
+    noise = rng.normal(0, 1, (6, 1, SIZE, SIZE)).astype(np.float32)
+    assert diversity_msssim(noise, n_pairs=20) < 0.5
+
+
+def test_memorisation_distance(data):
+    images = data[0]
+    synth = np.concatenate([images[3:4], images[5:6] + 0.1])
+    d = memorisation_distance(synth, images)
+    assert d.shape == (2,)
+    assert d[0] == pytest.approx(0.0, abs=1e-6)
+    assert d[1] == pytest.approx(0.1, abs=1e-4)
+    summary = memorisation_summary(synth, images)
+    assert summary["nn_rmse_min"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["real_nn_rmse_median"] > 0.1  # self-matches are excluded
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (400, 3)) * np.array([1.0, 2.0, 0.5])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, -2.0, 0.5])
+    assert frechet_distance(a, a + shift) == pytest.approx(np.sum(shift**2), rel=1e-6)
+    mu = a.mean(0)
+    scaled = mu + 2.0 * (a - mu)  # covariance x4: trace term tr(S) (1 - 2)^2
+    assert frechet_distance(a, scaled) == pytest.approx(np.trace(np.cov(a.T)), rel=1e-6)
+    # independent diagonal Gaussians: |dmu|^2 + sum (s_a - s_b)^2 (s = std devs)
+    s_a, s_b = np.array([1.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.5])
+    x = rng.normal(0, 1, (20000, 3)) * s_a
+    y = rng.normal(0, 1, (20000, 3)) * s_b + shift
+    expected = np.sum(shift**2) + np.sum((s_a - s_b) ** 2)
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=0.05)
+
+
+def test_frechet_distance_rank_deficient_is_finite():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, (5, 16)), rng.normal(0, 1, (5, 16))
+    assert np.isfinite(frechet_distance(a, b))
+
+
+def test_mask_agreement(data):
+    images, masks = data
+    assert mask_agreement(lambda x: masks[: len(x)], images[:4], masks[:4]) == 1.0
+    assert mask_agreement(threshold_predictor, images, masks, batch_size=5) > 0.8
+    empty = np.zeros_like(masks[:2])
+    assert np.isnan(mask_agreement(lambda x: empty, images[:2], empty))
+
+
+def test_encoder_features(data):
+    enc = TinyEncoder().train()
+    feats = encoder_features(enc, data[0], batch_size=5)
+    assert feats.shape == (len(data[0]), 8) and enc.training
+
+
+def test_quality_table(data):
+    images, masks = data
+    blurred = gaussian_filter(images, sigma=(0, 0, 1.5, 1.5))
+    held_out = make_discs(12, seed=1)
+    rows = quality_table(
+        images, masks, {"blur": (blurred, masks), "copy": (images, masks)},
+        threshold_predictor, TinyEncoder(), held_out=held_out,
+    )  # fmt: skip
+    assert [r["source"] for r in rows] == ["blur", "copy", "real (held-out)"]
+    keys = {"source", "n", "sharpness_ratio", "msssim_diversity", "nn_rmse_median",
+            "mask_dice", "fid_encoder", "fg_share_ratio"}  # fmt: skip
+    assert all(set(r) == keys for r in rows)
+    blur, copy, real = rows
+    assert blur["sharpness_ratio"] < 0.5 < real["sharpness_ratio"]
+    assert copy["nn_rmse_median"] == pytest.approx(0.0, abs=1e-6)
+    assert real["nn_rmse_median"] > 0.1
+    assert all(r["n"] == 12 for r in rows)
