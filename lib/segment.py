@@ -185,3 +185,8 @@ def recommend(table: pd.DataFrame, tolerance: float = 0.01) -> str:
         f"Caveat: {len(table)} models on one split and one seed; differences below the patient-to-patient "
         "spread (the ± above) are not conclusive."
     )
+
+
+def predict_masks_fn(model: torch.nn.Module, device: str | torch.device = "cpu"):
+    """A function (N, C, H, W) float -> (N, H, W) uint8 masks, for scoring synthetic pairs."""
+    return lambda images: predict_probs(model, images, device=device).argmax(1).numpy().astype(np.uint8)

@@ -66,7 +66,7 @@ def resolve_split(run_dir: str | Path, case_ids: list[str], seed: int = 0, split
         source = str(split_file)
     elif out.is_file() and read_json(out).get("seed") == seed:
         split = read_json(out)
-        source = str(out)
+        source = split.get("source", str(out))
     else:
         split = make_split(case_ids, seed)
         source = "generated"

@@ -153,12 +153,15 @@ class _ImageScaling(nn.Module):
         self.register_buffer("center", torch.zeros(channels))
         self.register_buffer("half_range", torch.ones(channels))
 
-    def fit(self, images: np.ndarray, max_values: int = 1_000_000, seed: int = 0) -> None:
-        """Set the clip range to the 0.5/99.5 percentiles of ``images`` (N, C, H, W)."""
-        rng = np.random.default_rng(seed)
-        flat = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)
-        if flat.shape[1] > max_values:
-            flat = flat[:, rng.choice(flat.shape[1], max_values, replace=False)]
+    def fit(self, images: np.ndarray, max_pixels: int = 1_000_000, seed: int = 0) -> None:
+        """Set the clip range to the 0.5/99.5 percentiles of ``images`` (N, C, H, W).
+
+        At most ``max_pixels`` pixels per channel are used (a random subset of slices).
+        """
+        n, c, h, w = images.shape
+        n_keep = min(n, max(1, max_pixels // (h * w)))
+        keep = np.sort(np.random.default_rng(seed).choice(n, n_keep, replace=False))
+        flat = images[keep].transpose(1, 0, 2, 3).reshape(c, -1)
         lo, hi = np.percentile(flat, [0.5, 99.5], axis=1)
         self.center.copy_(torch.from_numpy((hi + lo) / 2))
         self.half_range.copy_(torch.from_numpy(np.maximum((hi - lo) / 2, 1e-3)))
@@ -497,7 +500,8 @@ def _fit(
         elapsed = time.monotonic() - t_start
         if epoch + 1 < cfg.epochs and elapsed * (n_done + 1) / n_done > budget_s:
             tqdm.write(
-                f"VAE: time budget of {cfg.time_budget_min} min spent after epoch {epoch + 1}"
+                f"VAE: stopping after epoch {epoch + 1}, another would exceed the "
+                f"time budget of {cfg.time_budget_min} min"
             )
             break
     bar.close()

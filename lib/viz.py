@@ -132,3 +132,15 @@ def pair_grid(images: np.ndarray, masks: np.ndarray, *, n: int = 16, cols: int =
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def history_curves(history: list[dict], keys: list[str], title: str = "") -> Figure:
+    """One panel per history key against epoch (e.g. a generator's loss terms)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(epochs, [h[key] for h in history], "o-")
+        ax.set(xlabel="epoch", title=key)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

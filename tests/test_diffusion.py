@@ -65,8 +65,9 @@ def trained(data):
     return train_diffusion(images, masks, tiny_cfg(epochs=8), progress=False)
 
 
-def test_denoiser_forward_shapes():
-    cfg = tiny_cfg(num_classes=3, in_channels=2, channel_mults=(1, 2, 2))
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_denoiser_forward_shapes(patch_size):
+    cfg = tiny_cfg(num_classes=3, in_channels=2, channel_mults=(1, 2, 2), patch_size=patch_size)
     model = MaskDDPM(cfg)
     x = torch.randn(3, 2, SIZE, SIZE)
     cond = torch.nn.functional.one_hot(torch.randint(0, 3, (3, SIZE, SIZE)), 3)
@@ -81,6 +82,8 @@ def test_config_round_trip_and_validation():
         DiffusionConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError):
         tiny_cfg(image_size=30, channel_mults=(1, 2, 2))
+    with pytest.raises(ValueError):
+        tiny_cfg(channel_mults=(1, 2, 2, 2), patch_size=8)
 
 
 def test_loss_falls(trained):
@@ -102,6 +105,8 @@ def test_sample_pairs_shapes_and_determinism(trained):
     np.testing.assert_allclose(images, again[0], atol=1e-5)
     other = sample_pairs(model, 5, seed=2)
     assert not np.allclose(images, other[0])
+    none = sample_pairs(model, 0)
+    assert none[0].shape == (0, 1, SIZE, SIZE) and none[1].shape == (0, SIZE, SIZE)
 
 
 def test_generated_images_follow_mask(trained, data):

@@ -336,6 +336,146 @@ def unet_notebook() -> list:
     return cells
 
 
+SYNTH_PARAMS = """
+generator_epochs = 8  # epochs of the VAE and of the diffusion model (full size: 100-300)
+generator_time_budget_min = 2.0  # each generator stops gracefully when this is spent
+latent_dim = 64
+beta = 1.0  # weight of the VAE's KL term
+kl_warmup_epochs = 3  # beta ramps up linearly over these epochs
+sample_steps = 25  # DDIM steps of the diffusion sampler
+n_samples = 128  # synthetic pairs drawn from each generator for the quality table
+study_n_real = [1, 2]  # real training patients in the study ("all" = the whole train split)
+study_ratios = [1.0]  # synthetic slices per real slice in the real+synthetic runs
+study_seeds = [0]  # at least 3 seeds for real conclusions
+study_epochs = 3  # U-Net epochs of each study run
+study_generator_epochs = 4  # generator epochs inside the study (one generator per subset and seed)"""
+
+
+def notebook_05() -> list:
+    return [
+        md("""
+# 05 · Synthetic image+mask pairs: VAE, diffusion, and does it help segmentation?
+
+1. A convolutional **VAE** that generates paired slices (image and one-hot mask as channels of
+   one sample), trained on the training patients only: reconstructions, random samples, latent
+   interpolations, loss curves.
+2. A **mask-conditioned diffusion model** (DDPM trained with v-prediction, DDIM sampling) that
+   fixes the VAE's blur: the image is denoised conditioned on a mask, and masks come from
+   elastically and affinely deformed training masks (segmentation-guided diffusion, Konz et al. 2024).
+3. **Quality** of synthetic data, measured without downloading anything: sharpness, diversity
+   (MS-SSIM), memorisation (nearest real slice), image–mask agreement (a U-Net trained on real
+   data scores the synthetic pairs), Fréchet distance on that U-Net's encoder features.
+4. **The study**: the same U-Net trained on real only, real + synthetic, and synthetic only, at
+   several numbers of real patients and seeds, scored on the same real test patients; plus the
+   VAE latent-space segmenter as a baseline. Each generator in the study is trained on the same
+   real patients as the segmenter it feeds.
+"""),
+        code(COLAB),
+        imports("from dataclasses import replace\n\nimport pandas as pd\n\nfrom lib import diffusion, segment, study, synth_quality, vae\nfrom lib.slices import save_pairs\nfrom lib.train import TrainConfig"),
+        md("## Parameters"),
+        code(COMMON_PARAMS + SYNTH_PARAMS, "parameters"),
+        md("## Data: the training patients only"),
+        code("""
+run = prepare_run(data, run_dir, split_file, image_size, seed, progress=False)
+dev = str(env.get_device(device))
+train = run.slices("train")
+images, masks = train.images.astype(np.float32), train.masks
+gen_dir = run.run_dir / "generators"
+print(f"{len(train)} training slices from {len(run.split['train'])} patients, {images.shape}")"""),
+        md("## 1. VAE\nβ-VAE with KL warm-up; image and one-hot mask are encoded and decoded together."),
+        code("""
+vae_cfg = vae.VAEConfig(image_size=image_size, in_channels=run.task.channels, num_classes=run.task.num_classes,
+                        latent_dim=latent_dim, beta=beta, kl_warmup_epochs=kl_warmup_epochs, epochs=generator_epochs,
+                        seed=seed, time_budget_min=generator_time_budget_min)
+vae_model, vae_history = vae.train_vae(images, masks, vae_cfg, device=dev, out_dir=gen_dir / "vae")
+fig = viz.history_curves(vae_history, ["loss", "recon_image", "recon_mask", "kl"], "VAE training")
+viz.save_figure(fig, gen_dir / "vae_curves.png")
+plt.show()"""),
+        code("""
+pick = viz.pick_slices(masks, 8)
+rec_images, rec_masks = vae.reconstruct(vae_model, images[pick], masks[pick])
+plt.show(viz.pair_grid(np.concatenate([images[pick], rec_images]), np.concatenate([masks[pick], rec_masks]),
+                       title="VAE: real (top) and reconstruction (bottom)"))
+vae_images, vae_masks = vae.sample_pairs(vae_model, n_samples, seed=seed, device=dev)
+save_pairs(gen_dir / "vae_samples.npz", vae_images, vae_masks, {"generator": "vae", "seed": seed})
+fig = viz.pair_grid(vae_images, vae_masks, n=16, title="VAE: random samples")
+viz.save_figure(fig, gen_dir / "vae_samples.png")
+plt.show()"""),
+        code("""
+inter_images, inter_masks = vae.interpolate(vae_model, (images[pick[0]], masks[pick[0]]),
+                                            (images[pick[-1]], masks[pick[-1]]), steps=8)
+plt.show(viz.pair_grid(inter_images, inter_masks, n=8, title="VAE: latent interpolation between two real slices"))"""),
+        md("## 2. Mask-conditioned diffusion model"),
+        code("""
+diff_cfg = diffusion.DiffusionConfig(image_size=image_size, in_channels=run.task.channels,
+                                     num_classes=run.task.num_classes, epochs=generator_epochs, seed=seed,
+                                     sample_steps=sample_steps, time_budget_min=generator_time_budget_min)
+diff_model, diff_history = diffusion.train_diffusion(images, masks, diff_cfg, device=dev, out_dir=gen_dir / "diffusion")
+fig = viz.history_curves(diff_history, ["loss"], "diffusion training")
+viz.save_figure(fig, gen_dir / "diffusion_curves.png")
+plt.show()
+diff_images, diff_masks = diffusion.sample_pairs(diff_model, n_samples, seed=seed, device=dev)
+save_pairs(gen_dir / "diffusion_samples.npz", diff_images, diff_masks, {"generator": "diffusion", "seed": seed})
+fig = viz.pair_grid(diff_images, diff_masks, n=16, title="diffusion: random samples")
+viz.save_figure(fig, gen_dir / "diffusion_samples.png")
+plt.show()"""),
+        md("## Save and reload both generators\nA reloaded generator draws the same samples for the same seed."),
+        code("""
+# NBVAL_CHECK_OUTPUT
+vae_again, _, _ = vae.load_vae(gen_dir / "vae" / "vae.pt", device=dev)
+diff_again, _, _ = diffusion.load_diffusion(gen_dir / "diffusion" / "diffusion.pt", device=dev)
+same_vae = np.allclose(vae.sample_pairs(vae_again, 4, seed=1, device=dev)[0], vae.sample_pairs(vae_model, 4, seed=1, device=dev)[0], atol=1e-5)
+same_diff = np.allclose(diffusion.sample_pairs(diff_again, 2, seed=1, device=dev)[0], diffusion.sample_pairs(diff_model, 2, seed=1, device=dev)[0], atol=1e-4)
+print("identical samples after reload:", same_vae, same_diff)"""),
+        md("## 3. Quality of the synthetic pairs\nThe reference segmenter is the U-Net of notebook 04 (trained here on real data if it is missing)."),
+        code("""
+if not (run.run_dir / "unet" / "best.pt").is_file():
+    segment.train_model(run, "unet", segment.model_config(run, "unet"),
+                        TrainConfig(epochs=study_epochs, seed=seed, device=dev), progress=False)
+unet, _ = segment.reload_model(run, "unet", dev)
+held_out = run.slices("val")
+rows = synth_quality.quality_table(images, masks, {"vae": (vae_images, vae_masks), "diffusion": (diff_images, diff_masks)},
+                                   segment.predict_masks_fn(unet, dev), unet.encoder, dev,
+                                   held_out=(held_out.images.astype(np.float32), held_out.masks))
+quality = pd.DataFrame(rows).set_index("source")
+display(quality.round(3))"""),
+        md("""
+## 4. The study: does synthetic data help segmentation?
+Conditions per number of real patients and seed: real only (classic augmentation), real +
+synthetic (each generator, each ratio), synthetic only, and the VAE latent segmenter. Every
+run is one record of `study/results.json`; re-running skips the records already there.
+"""),
+        code("""
+n_real = [len(run.split["train"]) if n == "all" else int(n) for n in study_n_real]
+seg_cfg = TrainConfig(epochs=study_epochs, seed=seed, device=dev, patience=None)
+gen_cfgs = {"vae": replace(vae_cfg, epochs=study_generator_epochs),
+            "diffusion": replace(diff_cfg, epochs=study_generator_epochs)}
+records = study.run_study(run, segment.model_config(run, "unet"), seg_cfg, gen_cfgs, n_real, study_ratios,
+                          study_seeds, device=dev)
+display(study.study_table(records).round(3))
+fig = study.study_figure(records)
+viz.save_figure(fig, run.run_dir / "study" / "study.png")
+plt.show()"""),
+        code("""
+conclusions = study.study_conclusions(records)
+display(conclusions.round(2))"""),
+        md("## Diary entry"),
+        code("""
+diary.append_entry(
+    "05 synthetic data study",
+    notebook="05_vae_synthesis.ipynb",
+    dataset=run.dataset_name,
+    params={"image_size": image_size, "generator_epochs": generator_epochs, "study_n_real": study_n_real,
+            "study_ratios": study_ratios, "study_seeds": study_seeds, "study_epochs": study_epochs},
+    results={"quality": quality.round(3).to_dict(orient="index"),
+             "study_mean_dice": {f"{n} | {s}": round(v, 4) for (n, s), v in study.study_table(records)["mean"].items()},
+             "verdicts": {f"{n} | {s}": v for (n, s), v in conclusions["verdict"].items()},
+             "hardware": report["hardware"]},
+    figures=[gen_dir / "vae_samples.png", gen_dir / "diffusion_samples.png", run.run_dir / "study" / "study.png"],
+)"""),
+    ]
+
+
 NOTEBOOKS = {
     "01_data_analysis": notebook_01,
     "02_pspnet": lambda: seg_notebook(
@@ -353,6 +493,7 @@ NOTEBOOKS = {
         "fpn", "fpn", {}, [],
     ),
     "04_unet": unet_notebook,
+    "05_vae_synthesis": notebook_05,
 }
 
 
