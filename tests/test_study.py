@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from lib import study
+from lib.diffusion import DiffusionConfig
+from lib.models import ModelConfig
+from lib.pipeline import prepare_run
+from lib.slices import load_pairs
+from lib.train import TrainConfig
+from lib.vae import VAEConfig
+from tests.helpers import make_task
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    return prepare_run(str(make_task(root / "Task90_Blobs", 6, shape=(32, 32, 10))), root / "run",
+                       image_size=SIZE, seed=0, progress=False)
+
+
+def configs():
+    common = {"image_size": SIZE, "in_channels": 1, "num_classes": 2, "epochs": 1, "batch_size": 16}
+    return {"vae": VAEConfig(**common, base_channels=8, latent_dim=8),
+            "diffusion": DiffusionConfig(**common, base_channels=8, sample_steps=4, timesteps=100)}
+
+
+def test_study_records_resume_and_tables(run, monkeypatch):
+    model = ModelConfig(arch="unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
+    train = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
+    records = study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0])
+    conditions = sorted((r["condition"], r["generator"] or "") for r in records)
+    assert conditions == [("latent", "vae"), ("real", ""), ("real+synthetic", "diffusion"), ("real+synthetic", "vae"),
+                          ("synthetic", "diffusion"), ("synthetic", "vae")]
+    saved = json.loads((run.run_dir / "study" / "results.json").read_text())
+    assert saved == records
+    for r in saved:
+        assert set(r["per_patient_dice"]) == set(run.split["test"]) and 0 <= r["mean_dice"] <= 1
+        assert {"generator", "n_real", "ratio", "seed", "mean_dice"} <= set(r)
+    synth = load_pairs(run.run_dir / "study" / "synthetic" / "vae_n1_s0_r1.npz")
+    real_slices = next(r["n_real_slices"] for r in records if r["condition"] == "real")
+    assert len(synth) == real_slices and synth.images.dtype == np.float16
+
+    monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0]) == records
+    table = study.study_table(records)
+    assert ("real only" in table.index.get_level_values("setting")) and table["seeds"].max() == 1
+
+
+def test_impossible_requests(run):
+    with pytest.raises(ValueError, match="n_real=9"):
+        study.real_subset(run, 9, 0)
+    with pytest.raises(KeyError, match="unknown generator"):
+        study.train_generator("gan", run.slices("train"), configs()["vae"], run.run_dir / "x", "cpu")
+
+
+def test_conclusions_compare_with_seed_spread():
+    records = []
+    for seed, (real, synth) in enumerate([(0.50, 0.60), (0.52, 0.63), (0.48, 0.59)]):
+        base = {"generator": None, "n_real": 1, "ratio": 0.0, "seed": seed}
+        records.append(base | {"condition": "real", "mean_dice": real})
+        records.append(base | {"condition": "real+synthetic", "generator": "diffusion", "ratio": 1.0, "mean_dice": synth})
+    row = study.study_conclusions(records).loc[(1, "real + diffusion x1")]
+    assert row["delta_dice_points"] == pytest.approx(10.667, abs=0.01)
+    assert row["beyond_seed_spread"] and row["verdict"] == "helps"
