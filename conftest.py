@@ -12,3 +12,10 @@ os.environ["MSDSEG_DIARY"] = os.path.join(_TMP, "diary.md")
 os.environ["MSDSEG_DATA_ROOT"] = os.path.join(_TMP, "data")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the temporary run folder, data and diary of this test session."""
+    import shutil
+
+    shutil.rmtree(_TMP, ignore_errors=True)

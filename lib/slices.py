@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,7 +203,7 @@ def build_cache(task: Task, cache_root: str | Path, cfg: SliceConfig, *, workers
         return out_dir
     bar = tqdm(total=len(todo), desc="slices", disable=not progress)
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # nibabel/zlib/torch release the GIL
             futures = [pool.submit(convert_case, task, c, cfg, out_dir / f"{c.case_id}.npz") for c in todo]
             for fut in futures:
                 fut.result()

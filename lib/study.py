@@ -6,7 +6,9 @@ several seeds, and always scored on the same real test patients (per-patient 3D 
 the original resolution, as in :mod:`lib.evaluate`).
 
 Fairness: each generator is trained on the *same* real patients the segmenter gets,
-so a gain cannot come from patients the real-only baseline never saw. Every run is one
+so a gain cannot come from patients the real-only baseline never saw; and every run
+trains for the same number of steps (set ``samples_per_epoch`` in the TrainConfig), so
+a gain cannot come from longer training on a larger set. Every run is one
 record in ``study/results.json`` (written atomically after each run; a re-run skips the
 records already there, so an interrupted study resumes).
 """
@@ -132,6 +134,7 @@ def run_study(
             "real_patients": patients, "n_real_slices": n_real_slices, "n_synthetic_slices": n_synth,
             "per_patient_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
             "seconds": seconds, "image_size": run.slice_cfg.image_size, "epochs": train_cfg.epochs,
+            "samples_per_epoch": train_cfg.samples_per_epoch,
         })
         write_json(path, records)
 

@@ -36,7 +36,9 @@ class TrainConfig:
     """Training hyperparameters.
 
     Attributes:
-        epochs: maximum number of epochs (one epoch = as many samples as training slices).
+        epochs: maximum number of epochs.
+        samples_per_epoch: slices drawn per epoch (None: as many as training slices); fix it
+            to compare training sets of different sizes at the same number of steps.
         time_budget_min: stop gracefully once this many minutes of training are spent.
         foreground_share: expected share of sampled slices that contain foreground
             (nnU-Net oversamples foreground too); None samples uniformly.
@@ -46,6 +48,7 @@ class TrainConfig:
 
     epochs: int = 30
     time_budget_min: float | None = None
+    samples_per_epoch: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -176,7 +179,7 @@ def fit(
     use_cl = cfg.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
     amp = cfg.amp and device.type == "cuda"

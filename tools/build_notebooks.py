@@ -337,18 +337,20 @@ def unet_notebook() -> list:
 
 
 SYNTH_PARAMS = """
-generator_epochs = 8  # epochs of the VAE and of the diffusion model (full size: 100-300)
+generator_epochs = 4  # epochs of the VAE and of the diffusion model (full size: 100-300)
 generator_time_budget_min = 2.0  # each generator stops gracefully when this is spent
 latent_dim = 64
 beta = 1.0  # weight of the VAE's KL term
 kl_warmup_epochs = 3  # beta ramps up linearly over these epochs
-sample_steps = 25  # DDIM steps of the diffusion sampler
-n_samples = 128  # synthetic pairs drawn from each generator for the quality table
-study_n_real = [1, 2]  # real training patients in the study ("all" = the whole train split)
+sample_steps = 20  # DDIM steps of the diffusion sampler
+diffusion_channels = 16  # width of the denoiser U-Net (CPU: 16; GPU: 32-64)
+n_samples = 64  # synthetic pairs drawn from each generator for the quality table
+study_n_real = [1]  # real training patients in the study ("all" = the whole train split)
 study_ratios = [1.0]  # synthetic slices per real slice in the real+synthetic runs
 study_seeds = [0]  # at least 3 seeds for real conclusions
-study_epochs = 3  # U-Net epochs of each study run
-study_generator_epochs = 4  # generator epochs inside the study (one generator per subset and seed)"""
+study_epochs = 2  # U-Net epochs of each study run
+study_samples_per_epoch = 128  # slices per epoch, the same for every run (same number of steps)
+study_generator_epochs = 2  # generator epochs inside the study (one generator per subset and seed)"""
 
 
 def notebook_05() -> list:
@@ -408,7 +410,8 @@ plt.show(viz.pair_grid(inter_images, inter_masks, n=8, title="VAE: latent interp
         md("## 2. Mask-conditioned diffusion model"),
         code("""
 diff_cfg = diffusion.DiffusionConfig(image_size=image_size, in_channels=run.task.channels,
-                                     num_classes=run.task.num_classes, epochs=generator_epochs, seed=seed,
+                                     num_classes=run.task.num_classes, base_channels=diffusion_channels,
+                                     batch_size=16, lr=2e-3, epochs=generator_epochs, seed=seed,
                                      sample_steps=sample_steps, time_budget_min=generator_time_budget_min)
 diff_model, diff_history = diffusion.train_diffusion(images, masks, diff_cfg, device=dev, out_dir=gen_dir / "diffusion")
 fig = viz.history_curves(diff_history, ["loss"], "diffusion training")
@@ -447,7 +450,7 @@ run is one record of `study/results.json`; re-running skips the records already 
 """),
         code("""
 n_real = [len(run.split["train"]) if n == "all" else int(n) for n in study_n_real]
-seg_cfg = TrainConfig(epochs=study_epochs, seed=seed, device=dev, patience=None)
+seg_cfg = TrainConfig(epochs=study_epochs, samples_per_epoch=study_samples_per_epoch, device=dev, patience=None)
 gen_cfgs = {"vae": replace(vae_cfg, epochs=study_generator_epochs),
             "diffusion": replace(diff_cfg, epochs=study_generator_epochs)}
 records = study.run_study(run, segment.model_config(run, "unet"), seg_cfg, gen_cfgs, n_real, study_ratios,
