@@ -63,7 +63,7 @@ class PeakRSS:
             self.peak = max(self.peak, self._rss())
             time.sleep(0.02)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._watch, daemon=True)

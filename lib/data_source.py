@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lib.demo import DEMO_TASK_NAME, make_demo_task
-from lib.download import MSD_TASKS, download_msd_task, find_task_dir, safe_extract
+from lib.download import MSD_TASKS, download_msd_task, safe_extract
 from lib.msd import MSDDataError, Task, read_task
 from lib.paths import data_root, project_path
 

@@ -10,10 +10,10 @@ import datetime as dt
 import fcntl
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lib.atomic import write_text
 from lib.paths import PROJECT_ROOT

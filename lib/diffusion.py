@@ -74,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path
+from lib.generative import autocast, config_from_dict, epoch_indices, read_checkpoint
 
 CHECKPOINT_KIND = "mask_ddpm"
 CHECKPOINT_VERSION = 1
@@ -137,11 +138,7 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
         """Inverse of ``to_dict``; unknown keys raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown DiffusionConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # ---------------------------------------------------------------------- denoiser
@@ -344,7 +341,7 @@ def diffusion_loss(
     ab = model.alpha_bar[t].view(b, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
-    with _autocast(x0.device):
+    with autocast(x0.device):
         pred = model(x_t, t, cond)
     per_sample = (pred.float() - v).pow(2).mean(dim=(1, 2, 3))
     gamma = model.cfg.min_snr_gamma
@@ -386,23 +383,6 @@ def save_diffusion(
     return _write(path, _checkpoint(model, cfg, history))
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint dict; ValueError naming ``path`` if unusable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # torch raises many types for corrupt files
-        raise ValueError(
-            f"{path}: not a readable MaskDDPM checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if kind != CHECKPOINT_KIND:
-        raise ValueError(f"{path}: checkpoint kind is {kind!r}, expected {CHECKPOINT_KIND!r}")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version {ckpt.get('version')!r}")
-    return ckpt
-
 
 def _model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> MaskDDPM:
     try:
@@ -420,7 +400,7 @@ def load_diffusion(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[MaskDDPM, DiffusionConfig, list[dict]]:
     """Load ``(model, cfg, history)`` from a ``save_diffusion`` checkpoint (eval mode)."""
-    model = _model_from_checkpoint(_read_checkpoint(path), path)
+    model = _model_from_checkpoint(read_checkpoint(path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "MaskDDPM"), path)
     return model.to(device).eval(), model.cfg, list(model.history)
 
 
@@ -449,22 +429,6 @@ def _fingerprint(images: np.ndarray, masks: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA GPUs that support it, a disabled context elsewhere."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _epoch_indices(
-    has_fg: np.ndarray, fg_fraction: float | None, generator: torch.Generator
-) -> torch.Tensor:
-    """Indices for one epoch of len(has_fg) draws, oversampling foreground slices if rare."""
-    n = len(has_fg)
-    p_fg = float(has_fg.mean())
-    if not fg_fraction or p_fg in (0.0, 1.0) or p_fg >= fg_fraction:
-        return torch.randperm(n, generator=generator)
-    weights = np.where(has_fg, fg_fraction / p_fg, (1 - fg_fraction) / (1 - p_fg))
-    return torch.multinomial(torch.from_numpy(weights), n, replacement=True, generator=generator)
 
 
 @torch.no_grad()
@@ -482,7 +446,7 @@ def _resume(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[list[dict], int]:
     """Restore model, EMA and optimizer from a matching checkpoint; (history, step)."""
-    ckpt = _read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "MaskDDPM")
     saved = DiffusionConfig.from_dict(ckpt["config"]).to_dict()
     diff = {
         k: (saved[k], v)
@@ -525,7 +489,7 @@ def _train_epoch(
     x, y, has_fg = data
     device = x.device
     seed = cfg.seed * 1_000_003 + epoch
-    idx = _epoch_indices(has_fg, cfg.foreground_fraction, torch.Generator().manual_seed(seed))
+    idx = epoch_indices(has_fg, cfg.foreground_fraction, torch.Generator().manual_seed(seed))
     noise_gen = torch.Generator(device).manual_seed(seed + 1)
     model.train()
     total, n_batches = 0.0, 0
@@ -728,7 +692,7 @@ def _ddim(model: MaskDDPM, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     for i, t in enumerate(ts):
         ab = model.alpha_bar[t]
         ab_prev = model.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)
-        with _autocast(x.device):
+        with autocast(x.device):
             v = model(x, torch.full((len(x),), t, device=x.device), cond).float()
         x0 = (ab.sqrt() * x - (1 - ab).sqrt() * v).clamp(-1, 1)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()

@@ -41,7 +41,7 @@ def statistics_figure(slices: SliceSet) -> Figure:
         hist = np.asarray(meta.stats["norm_hist"], dtype=float)
         a.plot(centres, hist / hist.sum(), lw=0.8, label=cid)
     a.set(xlabel="normalised intensity", ylabel="share of voxels", title="intensity histograms", yscale="log")
-    for cid, frac in foreground_per_slice(slices).items():
+    for frac in foreground_per_slice(slices).values():
         b.plot(np.linspace(0, 1, len(frac)), 100 * frac, lw=0.8)
     b.set(xlabel="relative axial position", ylabel="foreground %", title="foreground per slice")
     ids = list(slices.cases)

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path
+from lib.generative import autocast, config_from_dict, epoch_indices, grad_scaler, read_checkpoint
 
 CHECKPOINT_KIND = "pair_vae"
 CHECKPOINT_VERSION = 1
@@ -80,11 +81,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
         """Inverse of ``to_dict``; missing keys take defaults, unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields: {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 # --------------------------------------------------------------------------- model
@@ -294,23 +291,6 @@ def save_vae(
     return Path(path)
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint dict; ValueError naming ``path`` if unusable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # torch raises many types for corrupt files
-        raise ValueError(
-            f"{path}: not a readable PairVAE checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if kind != CHECKPOINT_KIND:
-        raise ValueError(f"{path}: checkpoint kind is {kind!r}, expected {CHECKPOINT_KIND!r}")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version {ckpt.get('version')!r}")
-    return ckpt
-
 
 def _model_from_checkpoint(
     ckpt: dict[str, Any], cfg: VAEConfig, device: str | torch.device
@@ -325,7 +305,7 @@ def load_vae(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[PairVAE, VAEConfig, list[dict]]:
     """Load ``(model, cfg, history)`` from a ``save_vae`` checkpoint; model is in eval mode."""
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "PairVAE")
     cfg = VAEConfig.from_dict(ckpt["config"])
     return _model_from_checkpoint(ckpt, cfg, device), cfg, list(ckpt["history"])
 
@@ -349,17 +329,6 @@ def _check_data(
         )
 
 
-def _epoch_indices(
-    has_fg: np.ndarray, fg_fraction: float | None, generator: torch.Generator
-) -> torch.Tensor:
-    """Indices for one epoch of len(has_fg) draws, oversampling foreground slices if rare."""
-    n = len(has_fg)
-    p_fg = float(has_fg.mean()) if n else 0.0
-    if not fg_fraction or p_fg in (0.0, 1.0) or p_fg >= fg_fraction:
-        return torch.randperm(n, generator=generator)
-    weights = np.where(has_fg, fg_fraction / p_fg, (1 - fg_fraction) / (1 - p_fg))
-    return torch.multinomial(torch.from_numpy(weights), n, replacement=True, generator=generator)
-
 
 def _batches(
     images: torch.Tensor,
@@ -373,19 +342,6 @@ def _batches(
         yield images[b].to(device, non_blocking=True), masks[b].to(device, non_blocking=True).long()
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 (or fp16) autocast on CUDA, a disabled context elsewhere."""
-    dtype = (
-        torch.bfloat16
-        if device.type == "cuda" and torch.cuda.is_bf16_supported()
-        else torch.float16
-    )
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=device.type == "cuda")
-
-
-def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    needed = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=needed)
 
 
 def _beta_at(cfg: VAEConfig, epoch: int) -> float:
@@ -401,7 +357,7 @@ def _resume_state(
     """(model, optimizer state, history) from an existing checkpoint with a matching config."""
     if not ckpt_path.exists():
         return None
-    ckpt = _read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "PairVAE")
     saved = VAEConfig.from_dict(ckpt["config"]).to_dict()
     diff = {
         k: (saved[k], v)
@@ -480,7 +436,7 @@ def _fit(
         torch.from_numpy(masks),
     )
     has_fg = masks.reshape(len(masks), -1).any(axis=1)
-    scaler = _grad_scaler(device)
+    scaler = grad_scaler(device)
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
     t_start = time.monotonic()
     bar = tqdm(
@@ -521,14 +477,14 @@ def _train_epoch(
     """One epoch (0-based ``epoch``); seeded by (seed, epoch) so resuming is reproducible."""
     torch.manual_seed(cfg.seed * 100_003 + epoch)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    idx = _epoch_indices(has_fg, cfg.foreground_fraction, gen)
+    idx = epoch_indices(has_fg, cfg.foreground_fraction, gen)
     beta = _beta_at(cfg, epoch)
     model.train()
     t0 = time.monotonic()
     sums = dict.fromkeys(("loss", "recon_image", "recon_mask", "kl"), 0.0)
     n_batches = 0
     for x, m in _batches(x_all, m_all, idx, cfg.batch_size, device):
-        with _autocast(device):
+        with autocast(device):
             terms = vae_loss(model, x, m, beta, cfg.mask_weight)
         loss = terms["loss"]
         if not torch.isfinite(loss):
@@ -736,10 +692,10 @@ def train_latent_segmenter(
         torch.from_numpy(masks),
     )
     has_fg = masks.reshape(len(masks), -1).any(axis=1)
-    scaler = _grad_scaler(device)
+    scaler = grad_scaler(device)
     for epoch in tqdm(range(epochs), desc="latent seg", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        idx = _epoch_indices(has_fg, foreground_fraction, gen)
+        idx = epoch_indices(has_fg, foreground_fraction, gen)
         seg.history.append(
             _seg_epoch(
                 seg, optimizer, scaler, x_all, m_all, targets, idx, batch_size, device, epoch
@@ -766,7 +722,7 @@ def _seg_epoch(
     for start in range(0, len(idx), batch_size):
         b = idx[start : start + batch_size]
         x, m, target = x_all[b].to(device), m_all[b].to(device).long(), targets[b].to(device)
-        with _autocast(device):
+        with autocast(device):
             z = seg.latent(x)
             latent_mse = F.mse_loss(z, target)
             seg_loss = dice_ce_loss(seg.decoder(z.detach()), m)

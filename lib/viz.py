@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import imageio.v3 as iio
-
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure

@@ -47,3 +47,21 @@ def make_task(root: Path, n: int = 5, *, seed: int = 0, shape=(32, 32, 12), clas
     rng = np.random.default_rng(seed)
     labels = {"0": "background", "1": "a"} | ({"2": "b"} if classes == 3 else {})
     return write_task(root, {f"p{i:02d}": blob_case(rng, shape, classes) for i in range(n)}, labels=labels)
+
+
+def make_discs(n: int, size: int, seed: int = 0, margin: float = 8, radius: tuple[float, float] = (3, 7)
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy slices (N, 1, size, size) with bright discs (class 1); every third slice is empty."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        if i % 3 == 0:
+            continue
+        cy, cx = rng.uniform(margin, size - margin, 2)
+        r = rng.uniform(*radius)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        masks[i][disc] = 1
+        images[i, 0][disc] += 3.0
+    return images, masks

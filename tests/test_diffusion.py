@@ -18,25 +18,13 @@ from lib.diffusion import (
     save_diffusion,
     train_diffusion,
 )
+from tests import helpers
 
 SIZE = 32
 
 
 def make_discs(n: int = 32, size: int = SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy images with bright discs (class 1); every third slice is empty."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
-    masks = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        if i % 3 == 0:
-            continue
-        cy, cx = rng.uniform(10, size - 10, 2)
-        r = rng.uniform(4, 7)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        masks[i][disc] = 1
-        images[i, 0][disc] += 3.0
-    return images, masks
+    return helpers.make_discs(n, size, seed, margin=10, radius=(4, 7))
 
 
 def tiny_cfg(**kw) -> DiffusionConfig:

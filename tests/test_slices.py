@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from lib.msd import MSDDataError, read_task
-from lib.slices import SliceConfig, build_cache, cache_dir_for, load_slices, normalise_volume, resize_slices
+from lib.slices import (
+    SliceConfig,
+    build_cache,
+    cache_dir_for,
+    load_slices,
+    normalise_volume,
+    resize_slices,
+)
 from tests.helpers import make_task
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lib.vae as vae_mod
+from lib.generative import epoch_indices
 from lib.vae import (
     PairVAE,
     VAEConfig,
@@ -19,6 +20,7 @@ from lib.vae import (
     train_latent_segmenter,
     train_vae,
 )
+from tests import helpers
 
 SIZE = 32
 
@@ -33,20 +35,7 @@ def single_thread():
 
 
 def make_discs(n: int = 18, size: int = SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy images with bright discs (class 1); every third slice is empty."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images = rng.normal(0, 0.3, (n, 1, size, size)).astype(np.float32)
-    masks = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        if i % 3 == 0:
-            continue
-        cy, cx = rng.uniform(8, size - 8, 2)
-        r = rng.uniform(3, 7)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        masks[i][disc] = 1
-        images[i, 0][disc] += 3.0
-    return images, masks
+    return helpers.make_discs(n, size, seed, margin=8, radius=(3, 7))
 
 
 def tiny_cfg(**kw) -> VAEConfig:
@@ -233,9 +222,9 @@ def test_bad_data_rejected(data):
 
 def test_foreground_oversampling():
     has_fg = np.array([True] + [False] * 99)
-    idx = vae_mod._epoch_indices(has_fg, 0.5, torch.Generator().manual_seed(0))
+    idx = epoch_indices(has_fg, 0.5, torch.Generator().manual_seed(0))
     assert len(idx) == 100 and 30 <= int((idx == 0).sum()) <= 70
-    idx = vae_mod._epoch_indices(has_fg, None, torch.Generator().manual_seed(0))
+    idx = epoch_indices(has_fg, None, torch.Generator().manual_seed(0))
     assert sorted(idx.tolist()) == list(range(100))
 
 

@@ -48,22 +48,9 @@ def code(text: str, *tags: str) -> nbformat.NotebookNode:
     return cell
 
 
-def imports(extra: str = "") -> nbformat.NotebookNode:
-    return code(
-        f"""
-%matplotlib inline
-import time
-
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-from IPython.display import Image, display
-
-from lib import diary, env, viz
-from lib.pipeline import prepare_run
-{extra}
-report = env.print_env()"""
-    )
+def imports(block: str) -> nbformat.NotebookNode:
+    """The imports cell: every import of the notebook, then the environment report."""
+    return code(f"%matplotlib inline\n{block.strip()}\n\nreport = env.print_env()")
 
 
 def notebook_01() -> list:
@@ -78,7 +65,19 @@ patient), shows a patient, the dataset statistics and the patient-level split, a
 tensors the networks eat. Notebooks 02–05 reuse the run folder this notebook fills.
 """),
         code(COLAB),
-        imports("import nibabel as nib\n\nfrom lib.data_source import resolve_task\nfrom lib.msd import load_volume\nfrom lib import stats"),
+        imports("""
+import time
+
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import torch
+from IPython.display import display
+
+from lib import diary, env, stats, viz
+from lib.data_source import resolve_task
+from lib.msd import load_volume
+from lib.pipeline import prepare_run"""),
         md("## Parameters\nShared by all notebooks, so one papermill command line drives them all."),
         code(COMMON_PARAMS, "parameters"),
         md("""
@@ -192,7 +191,16 @@ def seg_notebook(title: str, intro: str, name: str, arch: str, decoder: dict, ex
     return [
         md(f"# {title}\n\n{intro.strip()}\n\nSame structure as the other model notebooks (02–04); only the parameters differ. Needs the run folder of notebook 01 (it is rebuilt if missing)."),
         code(COLAB),
-        imports("from lib import segment\nfrom lib.augment import AugmentConfig, augment_batch\nfrom lib.evaluate import metrics_table, postprocessing_table\nfrom lib.train import TrainConfig"),
+        imports("""
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Image, display
+
+from lib import diary, env, segment, viz
+from lib.augment import AugmentConfig, augment_batch
+from lib.evaluate import metrics_table, postprocessing_table
+from lib.pipeline import prepare_run
+from lib.train import TrainConfig"""),
         md("## Parameters"),
         code(params, "parameters"),
         md("## Data\nThe cached slices and the patient split from notebook 01."),
@@ -373,7 +381,18 @@ def notebook_05() -> list:
    real patients as the segmenter it feeds.
 """),
         code(COLAB),
-        imports("from dataclasses import replace\n\nimport pandas as pd\n\nfrom lib import diffusion, segment, study, synth_quality, vae\nfrom lib.slices import save_pairs\nfrom lib.train import TrainConfig"),
+        imports("""
+from dataclasses import replace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+from lib import diary, diffusion, env, segment, study, synth_quality, vae, viz
+from lib.pipeline import prepare_run
+from lib.slices import save_pairs
+from lib.train import TrainConfig"""),
         md("## Parameters"),
         code(COMMON_PARAMS + SYNTH_PARAMS, "parameters"),
         md("## Data: the training patients only"),
