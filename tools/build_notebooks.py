@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
@@ -41,10 +41,15 @@ def md(text: str) -> nbformat.NotebookNode:
     return new_markdown_cell(text.strip())
 
 
-def code(text: str, *tags: str) -> nbformat.NotebookNode:
+def code(text: str, *tags: str, expect: str | None = None) -> nbformat.NotebookNode:
+    """A code cell; ``expect`` stores the output nbval checks (marked ``# NBVAL_CHECK_OUTPUT``)."""
     cell = new_code_cell(text.strip())
     if tags:
         cell.metadata["tags"] = list(tags)
+    if expect is not None:
+        cell.source = "# NBVAL_CHECK_OUTPUT\n" + cell.source
+        cell.outputs = [new_output("stream", name="stdout", text=expect + "\n")]
+        cell.execution_count = 1
     return cell
 
 
@@ -139,17 +144,15 @@ plt.show()"""),
 print({name: run.split[name] for name in ("train", "val", "test")})
 display(stats.split_table(run.split, everyone))"""),
         code("""
-# NBVAL_CHECK_OUTPUT
 sizes = {name: len(run.split[name]) for name in ("train", "val", "test")}
 assert not set(run.split["train"]) & set(run.split["test"]) and not set(run.split["val"]) & set(run.split["test"])
-print(sizes)"""),
+print(sizes)""", expect="{'train': 8, 'val': 2, 'test': 2}"),
         md("## 8. Tensors for the network\nWhole splits stay in memory as compact arrays; batches become float tensors (N, C, H, W) and long masks (N, H, W)."),
         code("""
-# NBVAL_CHECK_OUTPUT
 train = run.slices("train")
 x = torch.from_numpy(train.images[:8]).float()
 y = torch.from_numpy(train.masks[:8]).long()
-print(tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)"""),
+print(tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)""", expect="(8, 1, 64, 64) torch.float32 (8, 64, 64) torch.int64"),
         md("## Diary entry"),
         code("""
 diary.append_entry(
@@ -230,8 +233,10 @@ display(Image(filename=str(run.run_dir / name / "curves.png")))"""),
         md("## Save and reload\nThe checkpoint holds weights, architecture, data settings and metrics; reloading rebuilds the model and gives identical predictions."),
         code("""
 model, meta = segment.reload_model(run, name, dev)
+print(f"reloaded {meta['model_config']['arch']} / {meta['model_config']['encoder_name']} from epoch {meta['epoch']}")"""),
+        code("""
 difference = segment.max_prediction_difference(result.model, model, run.slices("val").images[:32])
-print(f"reloaded {meta['model_config']['arch']} from epoch {meta['epoch']}: identical predictions: {difference < 1e-5}")"""),
+print(f"identical predictions after reload: {difference < 1e-5}")""", expect="identical predictions after reload: True"),
         md("## Test patients\nScored at each volume's original resolution against its original label file (as the MSD challenge scores): 3D Dice, IoU, HD95 in mm, volumes in mL; `dice_train_res` is the Dice at the training resolution. Predictions are saved as NIfTI in `predictions/`."),
         code("""
 metrics = segment.test_model(run, name, model, meta, tta=tta, largest_component=largest_component, device=dev)
@@ -443,12 +448,11 @@ viz.save_figure(fig, gen_dir / "diffusion_samples.png")
 plt.show()"""),
         md("## Save and reload both generators\nA reloaded generator draws the same samples for the same seed."),
         code("""
-# NBVAL_CHECK_OUTPUT
 vae_again, _, _ = vae.load_vae(gen_dir / "vae" / "vae.pt", device=dev)
 diff_again, _, _ = diffusion.load_diffusion(gen_dir / "diffusion" / "diffusion.pt", device=dev)
 same_vae = np.allclose(vae.sample_pairs(vae_again, 4, seed=1, device=dev)[0], vae.sample_pairs(vae_model, 4, seed=1, device=dev)[0], atol=1e-5)
 same_diff = np.allclose(diffusion.sample_pairs(diff_again, 2, seed=1, device=dev)[0], diffusion.sample_pairs(diff_model, 2, seed=1, device=dev)[0], atol=1e-4)
-print("identical samples after reload:", same_vae, same_diff)"""),
+print("identical samples after reload:", same_vae, same_diff)""", expect="identical samples after reload: True True"),
         md("## 3. Quality of the synthetic pairs\nThe reference segmenter is the U-Net of notebook 04 (trained here on real data if it is missing)."),
         code("""
 if not (run.run_dir / "unet" / "best.pt").is_file():
