@@ -92,7 +92,7 @@ class NiftiSliceDataset(Dataset):
         volume = np.asarray(nib.load(case.image).dataobj, dtype=np.float32)
         lo, hi = np.percentile(volume, (0.5, 99.5))
         image = np.clip(volume[:, :, z], lo, hi)
-        image = (image - image.mean()) / (image.std() + 1e-6)
+        image = ((image - image.mean()) / (image.std() + 1e-6)).astype(np.float32)
         label = np.asarray(nib.load(case.label).dataobj[:, :, z], dtype=np.float32)
         x = F.interpolate(torch.from_numpy(image)[None, None], size=(self.size, self.size), mode="bilinear")[0]
         y = F.interpolate(torch.from_numpy(label)[None, None], size=(self.size, self.size), mode="nearest")[0, 0]

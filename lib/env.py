@@ -40,10 +40,10 @@ def git_sha() -> str:
 
 
 def hardware() -> str:
-    """Human description of the compute used, e.g. '1x NVIDIA H100 80GB HBM3' or '2 CPU cores'."""
+    """The compute used, e.g. '1x NVIDIA H100 80GB HBM3' or '2 CPU cores (x86_64), 2 torch thread(s)'."""
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
 
 
 def env_report() -> dict[str, str]:

@@ -353,6 +353,7 @@ SYNTH_PARAMS = """
 generator_epochs = 4  # epochs of the VAE and of the diffusion model (full size: 100-300)
 generator_time_budget_min = 2.0  # each generator stops gracefully when this is spent
 latent_dim = 64
+vae_channels = 32  # width of the VAE (CPU on real data: 16)
 beta = 1.0  # weight of the VAE's KL term
 kl_warmup_epochs = 3  # beta ramps up linearly over these epochs
 sample_steps = 20  # DDIM steps of the diffusion sampler
@@ -411,7 +412,7 @@ print(f"{len(train)} training slices from {len(run.split['train'])} patients, {i
         md("## 1. VAE\nβ-VAE with KL warm-up; image and one-hot mask are encoded and decoded together."),
         code("""
 vae_cfg = vae.VAEConfig(image_size=image_size, in_channels=run.task.channels, num_classes=run.task.num_classes,
-                        latent_dim=latent_dim, beta=beta, kl_warmup_epochs=kl_warmup_epochs, epochs=generator_epochs,
+                        latent_dim=latent_dim, base_channels=vae_channels, beta=beta, kl_warmup_epochs=kl_warmup_epochs, epochs=generator_epochs,
                         seed=seed, time_budget_min=generator_time_budget_min)
 vae_model, vae_history = vae.train_vae(images, masks, vae_cfg, device=dev, out_dir=gen_dir / "vae")
 fig = viz.history_curves(vae_history, ["loss", "recon_image", "recon_mask", "kl"], "VAE training")
