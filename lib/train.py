@@ -173,115 +173,135 @@ def fit(
         raise ValueError("validation set is empty: the split needs at least one val patient")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = get_device(cfg.device)
     seed_everything(cfg.seed)
-    model = build_model(model_cfg, data["image_size"]).to(device)
-    use_cl = cfg.channels_last and device.type == "cuda"
-    if use_cl:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
-    amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=amp and not torch.cuda.is_bf16_supported())
-    criterion = loss_fn(model_cfg.num_classes)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    history: list[dict[str, Any]] = []
-    best_dice, best_epoch, start_epoch, spent = -1.0, 0, 0, 0.0
-
+    run = _Trainer(model_cfg, cfg, data, steps_per_epoch=max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size)))
     last = out_dir / "last.pt"
     if last.exists():
-        state = read_checkpoint(last)
-        check_compatible(state, {"model_config": model_cfg.to_dict(), "data": data}, str(last))
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        rng.bit_generator.state = state["rng"]
-        history, best_dice, best_epoch = state["history"], state["best_val_dice"], state["best_epoch"]
-        start_epoch, spent = state["epoch"], state["train_seconds"]
-        print(f"resuming from {last} at epoch {start_epoch}")
-
-    train_x = torch.from_numpy(train.images).to(device)
-    train_y = torch.from_numpy(train.masks).to(device)
-    budget = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
+        run.restore(last)
+    train_x = torch.from_numpy(train.images).to(run.device)
+    train_y = torch.from_numpy(train.masks).to(run.device)
+    deadline = time.perf_counter() - run.spent + (cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf)
     t_start, stopped = time.perf_counter(), "epochs"
-    if best_epoch and start_epoch - best_epoch >= (cfg.patience or math.inf):
+    if run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
         stopped = "early stopping"
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if stopped != "epochs":
-            break
-        model.train()
-        t_epoch, wait, losses = time.perf_counter(), 0.0, []
-        idx = torch.from_numpy(sample_indices(train.masks, steps_per_epoch * cfg.batch_size, cfg.foreground_share, rng))
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+    while stopped == "epochs" and run.epoch < cfg.epochs:
+        row, out_of_time = run.train_epoch(train_x, train_y, train.masks, deadline, last, progress)
+        row |= run.validate(val)
+        run.spent += time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        run.record(row, out_dir)
+        if progress:
+            print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                  f"val Dice {row['val_dice']:.4f}")
+        if out_of_time:
+            stopped = "time budget"
+        elif cfg.patience and run.epoch - run.best_epoch >= cfg.patience:
+            stopped = "early stopping"
+    run.model.load_state_dict(read_checkpoint(out_dir / "best.pt")["state_dict"])
+    run.model.eval()
+    return FitResult(run.model, run.history, run.best_epoch, run.best_dice, stopped, run.spent, out_dir)
+
+
+class _Trainer:
+    """The mutable state of one training run: model, optimiser, schedule, RNGs, history."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: dict[str, Any], steps_per_epoch: int) -> None:
+        self.model_cfg, self.cfg, self.data, self.steps = model_cfg, cfg, data, steps_per_epoch
+        self.device = get_device(cfg.device)
+        self.model = build_model(model_cfg, data["image_size"]).to(self.device)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(enabled=self.amp and not torch.cuda.is_bf16_supported())
+        self.criterion = loss_fn(model_cfg.num_classes)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.history: list[dict[str, Any]] = []
+        self.best_dice, self.best_epoch, self.epoch, self.spent = -1.0, 0, 0, 0.0
+
+    def restore(self, last: Path) -> None:
+        """Continue from ``last.pt`` (same model and data settings, else ValueError)."""
+        state = read_checkpoint(last)
+        check_compatible(state, {"model_config": self.model_cfg.to_dict(), "data": self.data}, str(last))
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        self.history, self.best_dice, self.best_epoch = state["history"], state["best_val_dice"], state["best_epoch"]
+        self.epoch, self.spent = state["epoch"], state["train_seconds"]
+        print(f"resuming from {last} at epoch {self.epoch}")
+
+    def train_epoch(self, train_x: torch.Tensor, train_y: torch.Tensor, masks: np.ndarray, deadline: float,
+                    last: Path, progress: bool) -> tuple[dict[str, Any], bool]:
+        """One epoch of optimiser steps; stops early (returning True) past ``deadline``."""
+        cfg, epoch = self.cfg, self.epoch + 1
+        self.model.train()
+        t_epoch, wait, losses, out_of_time = time.perf_counter(), 0.0, [], False
+        idx = torch.from_numpy(sample_indices(masks, self.steps * cfg.batch_size, cfg.foreground_share, self.rng))
+        bar = tqdm(range(self.steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             t0 = time.perf_counter()
-            sel = idx[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            sel = idx[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(self.device)
             x, y = train_x[sel].float(), train_y[sel].long()
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
             wait += time.perf_counter() - t0
             if cfg.augment is not None:
-                x, y = augment_batch(x, y, cfg.augment, gen)
-            if use_cl:
+                x, y = augment_batch(x, y, cfg.augment, self.gen)
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
-                loss = criterion(model(x), y)
+            with _autocast(self.device, self.amp):
+                loss = self.criterion(self.model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. "
-                    f"{last} still holds epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1}; "
-                    "lower the learning rate or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+                    f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. {last} still holds "
+                    f"epoch {self.epoch}; lower the learning rate or check the data.")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if spent + time.perf_counter() - t_start > budget:
-                stopped = "time budget"
+            if time.perf_counter() > deadline:
+                out_of_time = True
                 break
-        epoch_seconds = time.perf_counter() - t_epoch
-        probs = predict_probs(model, val.images, device=device, batch_size=cfg.eval_batch_size, amp=amp)
-        val_loss = float(criterion(_logits_like(probs, model_cfg), torch.from_numpy(val.masks).long()))
-        dices = patient_dice(probs, val.masks, val.case_ids)
-        val_dice = float(np.nanmean(list(dices.values()))) if dices else float("nan")
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_loss": val_loss,
-            "val_dice": val_dice,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": epoch_seconds,
-            "data_wait_share": wait / epoch_seconds,
-            "slices_per_s": len(losses) * cfg.batch_size / epoch_seconds,
-        }
-        history.append(row)
-        elapsed = spent + time.perf_counter() - t_start
-        meta = {"history": history, "train_seconds": elapsed, "train_config": cfg.to_dict()}
-        if val_dice > best_dice:
-            best_dice, best_epoch = val_dice, epoch
-            save_checkpoint(out_dir / "best.pt", model, model_cfg, data, epoch=epoch, best_val_dice=best_dice, **meta)
+        seconds = time.perf_counter() - t_epoch
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": self.optimizer.param_groups[0]["lr"],
+               "seconds": seconds, "data_wait_share": wait / seconds,
+               "slices_per_s": len(losses) * cfg.batch_size / seconds}
+        return row, out_of_time
+
+    def validate(self, val: SliceSet) -> dict[str, float]:
+        """Validation loss and mean per-patient 3D Dice."""
+        probs = predict_probs(self.model, val.images, device=self.device, batch_size=self.cfg.eval_batch_size,
+                              amp=self.amp)
+        val_loss = float(self.criterion(_logits_like(probs, self.model_cfg), torch.from_numpy(val.masks).long()))
+        dices = list(patient_dice(probs, val.masks, val.case_ids).values())
+        return {"val_loss": val_loss, "val_dice": float(np.nanmean(dices)) if dices else float("nan")}
+
+    def record(self, row: dict[str, Any], out_dir: Path) -> None:
+        """Append the epoch to the history; save best.pt (if better), last.pt and history.json."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        meta = {"history": self.history, "train_seconds": self.spent, "train_config": self.cfg.to_dict()}
+        if row["val_dice"] > self.best_dice:
+            self.best_dice, self.best_epoch = row["val_dice"], self.epoch
+            save_checkpoint(out_dir / "best.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
+                            best_val_dice=self.best_dice, **meta)
         save_checkpoint(
-            last, model, model_cfg, data, epoch=epoch, best_val_dice=best_dice, best_epoch=best_epoch,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-            generator=gen.get_state(), rng=rng.bit_generator.state, **meta,
+            out_dir / "last.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
+            best_val_dice=self.best_dice, best_epoch=self.best_epoch, optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), generator=self.gen.get_state(),
+            rng=self.rng.bit_generator.state, **meta,
         )
-        write_json(out_dir / "history.json", history)
-        if progress:
-            print(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  val Dice {val_dice:.4f}")
-        if cfg.patience and epoch - best_epoch >= cfg.patience:
-            stopped = "early stopping"
-    best = read_checkpoint(out_dir / "best.pt")
-    model.load_state_dict(best["state_dict"])
-    model.eval()
-    train_seconds = spent + time.perf_counter() - t_start if history else spent
-    return FitResult(model, history, best_epoch, best_dice, stopped, train_seconds, out_dir)
+        write_json(out_dir / "history.json", self.history)
 
 
 def _logits_like(probs: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
