@@ -53,12 +53,13 @@ def max_prediction_difference(a: torch.nn.Module, b: torch.nn.Module, images: np
 def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any], *, tta: bool = False,
                largest_component: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Score the model on the test patients; writes ``<name>/metrics.json`` and predictions."""
+    history = read_json(run.run_dir / name / "history.json")
     extra = {
         "model": name,
         "model_config": meta["model_config"],
         "parameters": count_parameters(model),
-        "train_seconds": meta.get("train_seconds"),
-        "epochs_trained": len(meta.get("history", [])),
+        "train_seconds": sum(h["seconds"] for h in history),
+        "epochs_trained": len(history),
         "best_epoch": meta.get("epoch"),
         "best_val_dice": meta.get("best_val_dice"),
         "image_size": run.slice_cfg.image_size,
