@@ -236,7 +236,8 @@ def main() -> None:
     ids = [c.case_id for c in task.cases]
     results: dict = {
         "hardware": hardware(), "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "data": str(args.data), "settings": {k: str(v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(), "data": os.path.relpath(args.data),
+        "settings": {k: os.path.relpath(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
     }
     results.update(conversion(args.data, args.image_size))
     with tempfile.TemporaryDirectory() as tmp:
