@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib.demo import DEMO_TASK_NAME, make_demo_task
+from lib.demo import make_demo_task
 from lib.download import MSD_TASKS, download_msd_task, safe_extract
 from lib.msd import MSDDataError, Task, read_task
 from lib.paths import data_root, project_path
@@ -59,4 +59,3 @@ def resolve_task(data: str | Path, root: str | Path | None = None) -> Task:
     )
 
 
-__all__ = ["DEMO_TASK_NAME", "resolve_task", "unpack_archive"]
