@@ -57,5 +57,3 @@ def resolve_task(data: str | Path, root: str | Path | None = None) -> Task:
     raise MSDDataError(
         f"{text}: not 'demo', an MSD task name ({', '.join(MSD_TASKS)}), an archive or a task folder"
     )
-
-
