@@ -124,7 +124,7 @@ def run_study(
     path = out / "results.json"
     records: list[dict[str, Any]] = read_json(path) if path.is_file() else []
     done = {_key(r) for r in records}
-    val, test = run.slices("val"), run.slices("test")
+    train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
 
     def record(condition: str, generator: str | None, n: int, ratio: float, seed: int, patients: list[str],
@@ -148,7 +148,7 @@ def run_study(
     for n in n_real:
         for seed in seeds:
             patients = real_subset(run, n, seed)
-            real = run.slices("train").subset(np.flatnonzero(np.isin(run.slices("train").case_ids, patients)))
+            real = train.subset(np.flatnonzero(np.isin(train.case_ids, patients)))
             tag = f"n{n}_s{seed}"
             if ("real", None, n, 0.0, seed) not in done:
                 scores, secs = segment(f"real_{tag}", real, seed)
