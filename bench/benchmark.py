@@ -7,7 +7,8 @@ Prints a table and writes JSON with the hardware, versions and settings. Both tr
 pipelines use the same patients, model (U-Net / resnet18), batch size and image size:
 
 * ours: ``lib.train.fit`` (slices cached once in compact in-memory arrays, batched
-  on-device augmentation, AMP + channels-last on GPU);
+  on-device augmentation, channels-last, mixed precision where `lib.env.amp_dtype` gives
+  one: bf16 on GPUs and on CPUs with native bf16);
 * baseline: a torch ``Dataset`` that reads and resizes each slice from NIfTI per item
   (nibabel + per-volume normalisation), ``DataLoader``, per-sample flips, fp32.
 """
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import diffusion, vae  # noqa: E402
-from lib.env import get_device, hardware  # noqa: E402
+from lib.env import amp_dtype, autocast, get_device, hardware  # noqa: E402
 from lib.inference import predict_probs, probs_to_volume  # noqa: E402
 from lib.models import ModelConfig, build_model  # noqa: E402
 from lib.msd import read_task  # noqa: E402
@@ -150,18 +151,18 @@ def our_training(cache_dir: Path, ids: list[str], val_ids: list[str], size: int,
 
 
 def pure_model_step(size: int, batch: int, device: torch.device, steps: int = 10) -> float:
-    """Seconds per forward+backward+step of the U-Net on random tensors (AMP on GPU)."""
+    """Seconds per forward+backward+step of the U-Net on random tensors, with the same
+    precision and memory layout as :func:`lib.train.fit`."""
     model = build_model(ModelConfig(arch="unet", encoder_name="resnet18"), size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters())
     criterion = loss_fn(2)
-    x = torch.randn(batch, 1, size, size, device=device)
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, size, size, device=device) > 0.9).long()
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             loss = criterion(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -236,7 +237,8 @@ def main() -> None:
     ids = [c.case_id for c in task.cases]
     results: dict = {
         "hardware": hardware(), "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "data": os.path.relpath(args.data),
+        "threads": torch.get_num_threads(), "mixed_precision": str(amp_dtype(device)),
+        "data": os.path.relpath(args.data),
         "settings": {k: os.path.relpath(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
     }
     results.update(conversion(args.data, args.image_size))

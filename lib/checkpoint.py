@@ -78,11 +78,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expected: d
         expected: optional settings the checkpoint must match (see :func:`check_compatible`).
 
     Returns:
-        The model in eval mode on ``device`` and the checkpoint dict (without weights).
+        The model in eval mode on ``device``, in the channels-last layout it was trained in,
+        and the checkpoint dict (without weights).
     """
     state = read_checkpoint(path)
     if expected:
         check_compatible(state, expected, str(path))
     model = build_model(ModelConfig(**state["model_config"]))
     model.load_state_dict(state.pop("state_dict"))
-    return model.to(device).eval(), state
+    return model.to(device, memory_format=torch.channels_last).eval(), state

@@ -74,7 +74,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path
-from lib.generative import autocast, config_from_dict, epoch_indices, read_checkpoint
+from lib.env import autocast
+from lib.generative import config_from_dict, epoch_indices, read_checkpoint
 
 CHECKPOINT_KIND = "mask_ddpm"
 CHECKPOINT_VERSION = 1
@@ -535,7 +536,7 @@ def train_diffusion(
         images: float32 (N, C, H, W), z-scored.
         masks: uint8 (N, H, W), class ids 0..K-1.
         cfg: hyper-parameters; ``cfg.seed`` makes runs deterministic on one device.
-        device: torch device; bf16 autocast is used on CUDA only.
+        device: torch device; mixed precision where :func:`lib.env.amp_dtype` gives one.
         out_dir: if given, ``diffusion.pt`` is written atomically after every epoch and
             training resumes from it (same config apart from epochs, time budget and
             sample steps, same data; ValueError otherwise).

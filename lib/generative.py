@@ -1,5 +1,5 @@
-"""What the two generative models (lib.vae, lib.diffusion) share: mixed precision,
-foreground oversampling, config round trips and typed checkpoint reading."""
+"""What the two generative models (lib.vae, lib.diffusion) share: foreground
+oversampling, config round trips and typed checkpoint reading."""
 
 from __future__ import annotations
 
@@ -11,18 +11,6 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 (else fp16) autocast on CUDA; a disabled context on the CPU."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=device.type == "cuda")
-
-
-def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler, enabled only for fp16 autocast (CUDA without bf16)."""
-    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
 
 def epoch_indices(has_fg: np.ndarray, fg_fraction: float | None, generator: torch.Generator) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.atomic import atomic_path
+from lib.env import autocast
 from lib.models import probabilities
 from lib.postprocess import flip_tta, keep_largest_component
 from lib.slices import CaseMeta
@@ -30,6 +31,7 @@ def predict_probs(
 
     Args:
         images: (N, C, H, W) normalised slices (float16 or float32).
+        amp: mixed precision where :func:`lib.env.amp_dtype` gives a dtype for ``device``.
         tta: average over horizontal, vertical and both flips.
 
     Returns:
@@ -37,15 +39,15 @@ def predict_probs(
     """
     device = torch.device(device)
     model.eval()
-    use_amp = amp and device.type == "cuda"
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with autocast(device, amp):
             return probabilities(model(x))
 
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device).float()
+        x = x.contiguous(memory_format=torch.channels_last)
         out.append((flip_tta(run, x) if tta else run(x)).float().cpu())
     return torch.cat(out)
 

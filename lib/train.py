@@ -1,7 +1,9 @@
 """One training loop for every segmentation notebook.
 
 Dice + BCE (binary) or Dice + cross-entropy (multi-class), AdamW with warm-up and
-cosine decay, batched on-device augmentation, AMP and channels-last on GPU,
+cosine decay (over the epochs, or over the time budget when that ends sooner), batched
+on-device augmentation, mixed precision (bf16 on GPUs and on CPUs with native bf16) and
+channels-last memory layout,
 validation every epoch on per-patient 3D Dice, best-checkpoint keeping, early
 stopping, a time budget, and resume from ``last.pt`` after an interruption.
 """
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from lib.atomic import write_json
 from lib.augment import AugmentConfig, augment_batch
 from lib.checkpoint import check_compatible, read_checkpoint, save_checkpoint
-from lib.env import get_device, seed_everything
+from lib.env import autocast, get_device, grad_scaler, seed_everything
 from lib.inference import predict_probs
 from lib.metrics import dice_from_counts
 from lib.models import ModelConfig, build_model
@@ -44,6 +46,8 @@ class TrainConfig:
             (nnU-Net oversamples foreground too); None samples uniformly.
         patience: early stopping after this many epochs without a better val Dice.
         augment: augmentation settings, or None for no augmentation.
+        amp: mixed precision where :func:`lib.env.amp_dtype` gives a dtype for the device.
+        channels_last: NHWC memory layout (faster convolutions on GPUs and with oneDNN on CPUs).
     """
 
     epochs: int = 30
@@ -130,19 +134,16 @@ def patient_dice(probs: torch.Tensor, truth: np.ndarray, case_ids: np.ndarray) -
     return out
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_factor(step: int, total_steps: int, warmup: int, time_fraction: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 1% of the peak.
 
-    return f
-
-
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
+    Progress is the larger of the share of steps done and ``time_fraction`` (the share of
+    a time budget spent), so a run cut short by its budget still ends at a low rate.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, max((step - warmup) / max(1, total_steps - warmup), time_fraction))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def fit(
@@ -180,12 +181,12 @@ def fit(
         run.restore(last)
     train_x = torch.from_numpy(train.images).to(run.device)
     train_y = torch.from_numpy(train.masks).to(run.device)
-    deadline = time.perf_counter() - run.spent + (cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf)
+    origin = time.perf_counter() - run.spent  # when training began, counting earlier sessions
     t_start, stopped = time.perf_counter(), "epochs"
     if run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
         stopped = "early stopping"
     while stopped == "epochs" and run.epoch < cfg.epochs:
-        row, out_of_time = run.train_epoch(train_x, train_y, train.masks, deadline, last, progress)
+        row, out_of_time = run.train_epoch(train_x, train_y, train.masks, origin, last, progress)
         row |= run.validate(val)
         run.spent += time.perf_counter() - t_start
         t_start = time.perf_counter()
@@ -209,19 +210,16 @@ class _Trainer:
         self.model_cfg, self.cfg, self.data, self.steps = model_cfg, cfg, data, steps_per_epoch
         self.device = get_device(cfg.device)
         self.model = build_model(model_cfg, data["image_size"]).to(self.device)
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
-        if self.channels_last:
+        if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
-        self.amp = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(enabled=self.amp and not torch.cuda.is_bf16_supported())
+        self.budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
+        self.scaler = grad_scaler(self.device, cfg.amp)
         self.criterion = loss_fn(model_cfg.num_classes)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict[str, Any]] = []
-        self.best_dice, self.best_epoch, self.epoch, self.spent = -1.0, 0, 0, 0.0
+        self.best_dice, self.best_epoch, self.epoch, self.spent, self.step = -1.0, 0, 0, 0.0, 0
 
     def restore(self, last: Path) -> None:
         """Continue from ``last.pt`` (same model and data settings, else ValueError)."""
@@ -229,17 +227,17 @@ class _Trainer:
         check_compatible(state, {"model_config": self.model_cfg.to_dict(), "data": self.data}, str(last))
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["generator"])
         self.rng.bit_generator.state = state["rng"]
         self.history, self.best_dice, self.best_epoch = state["history"], state["best_val_dice"], state["best_epoch"]
-        self.epoch, self.spent = state["epoch"], state["train_seconds"]
+        self.epoch, self.spent, self.step = state["epoch"], state["train_seconds"], state["step"]
         print(f"resuming from {last} at epoch {self.epoch}")
 
-    def train_epoch(self, train_x: torch.Tensor, train_y: torch.Tensor, masks: np.ndarray, deadline: float,
+    def train_epoch(self, train_x: torch.Tensor, train_y: torch.Tensor, masks: np.ndarray, origin: float,
                     last: Path, progress: bool) -> tuple[dict[str, Any], bool]:
-        """One epoch of optimiser steps; stops early (returning True) past ``deadline``."""
+        """One epoch of optimiser steps; stops early (returning True) once the time budget,
+        counted from ``origin`` (a ``time.perf_counter`` value), is spent."""
         cfg, epoch = self.cfg, self.epoch + 1
         self.model.train()
         t_epoch, wait, losses, out_of_time = time.perf_counter(), 0.0, [], False
@@ -254,9 +252,13 @@ class _Trainer:
             wait += time.perf_counter() - t0
             if cfg.augment is not None:
                 x, y = augment_batch(x, y, cfg.augment, self.gen)
-            if self.channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(self.device, self.amp):
+            lr = cfg.lr * lr_factor(self.step, cfg.epochs * self.steps, cfg.warmup_steps,
+                                    (time.perf_counter() - origin) / self.budget_s)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(self.device, cfg.amp):
                 loss = self.criterion(self.model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -266,10 +268,10 @@ class _Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            self.step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if time.perf_counter() > deadline:
+            if time.perf_counter() - origin > self.budget_s:
                 out_of_time = True
                 break
         seconds = time.perf_counter() - t_epoch
@@ -281,7 +283,7 @@ class _Trainer:
     def validate(self, val: SliceSet) -> dict[str, float]:
         """Validation loss and mean per-patient 3D Dice."""
         probs = predict_probs(self.model, val.images, device=self.device, batch_size=self.cfg.eval_batch_size,
-                              amp=self.amp)
+                              amp=self.cfg.amp)
         val_loss = float(self.criterion(_logits_like(probs, self.model_cfg), torch.from_numpy(val.masks).long()))
         dices = list(patient_dice(probs, val.masks, val.case_ids).values())
         return {"val_loss": val_loss, "val_dice": float(np.nanmean(dices)) if dices else float("nan")}
@@ -298,7 +300,7 @@ class _Trainer:
         save_checkpoint(
             out_dir / "last.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
             best_val_dice=self.best_dice, best_epoch=self.best_epoch, optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), generator=self.gen.get_state(),
+            step=self.step, scaler=self.scaler.state_dict(), generator=self.gen.get_state(),
             rng=self.rng.bit_generator.state, **meta,
         )
         write_json(out_dir / "history.json", self.history)

@@ -46,7 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path
-from lib.generative import autocast, config_from_dict, epoch_indices, grad_scaler, read_checkpoint
+from lib.env import autocast, grad_scaler
+from lib.generative import config_from_dict, epoch_indices, read_checkpoint
 
 CHECKPOINT_KIND = "pair_vae"
 CHECKPOINT_VERSION = 1
@@ -388,7 +389,7 @@ def train_vae(
         images: float32 (N, C, H, W), z-scored.
         masks: uint8 (N, H, W) with class ids in [0, num_classes).
         cfg: architecture and training settings; ``epochs`` is the total target.
-        device: torch device; AMP autocast is used on CUDA only.
+        device: torch device; mixed precision where :func:`lib.env.amp_dtype` gives one.
         out_dir: if given, ``vae.pt`` is written atomically after every epoch and an
             existing one (same config apart from ``epochs``/``time_budget_min``) is resumed.
         progress: show a tqdm bar over epochs.
