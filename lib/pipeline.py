@@ -15,7 +15,7 @@ from lib.atomic import write_json
 from lib.data_source import resolve_task
 from lib.msd import Task
 from lib.paths import run_dir as resolve_run_dir
-from lib.slices import SliceConfig, SliceSet, build_cache, load_slices
+from lib.slices import SliceConfig, SliceSet, build_cache, load_slices, with_context
 from lib.splits import resolve_split
 
 
@@ -29,6 +29,7 @@ class Run:
     split: dict[str, Any]
     slice_cfg: SliceConfig
     seed: int
+    context: int = 0
 
     @property
     def labels(self) -> list[int]:
@@ -40,9 +41,16 @@ class Run:
         """Short description for tables and the diary."""
         return f"{self.task.name} ({self.task.root.name}, {len(self.task.cases)} patients)"
 
-    def slices(self, split: str) -> SliceSet:
-        """The cached slices of the patients of one split ("train", "val" or "test")."""
-        return load_slices(self.cache_dir, self.split[split])
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: the task's modalities times the slices fed per sample."""
+        return self.task.channels * (2 * self.context + 1)
+
+    def slices(self, split: str, context: int | None = None) -> SliceSet:
+        """The cached slices of the patients of one split ("train", "val" or "test"), with
+        ``context`` neighbours on each side as channels (default: the run's)."""
+        return with_context(load_slices(self.cache_dir, self.split[split]),
+                            self.context if context is None else context)
 
     def all_slices(self) -> SliceSet:
         """The cached slices of every patient of the task."""
@@ -54,7 +62,8 @@ class Run:
             "task": self.task.root.name,
             "image_size": self.slice_cfg.image_size,
             "slice_key": self.slice_cfg.key(),
-            "in_channels": self.task.channels,
+            "in_channels": self.in_channels,
+            "context_slices": self.context,
             "num_classes": self.task.num_classes,
             "labels": {str(k): v for k, v in self.task.labels.items()},
         }
@@ -67,6 +76,7 @@ def prepare_run(
     image_size: int = 64,
     seed: int = 0,
     *,
+    context: int = 0,
     workers: int = 2,
     progress: bool = True,
 ) -> Run:
@@ -78,13 +88,15 @@ def prepare_run(
         split_file: optional JSON with train/val/test patient lists.
         image_size: side of the square slices.
         seed: seed of the patient split.
+        context: neighbouring slices on each side fed to segmentation networks as extra
+            channels (2.5D; 0: single slices). Generative models use single slices.
     """
     out = resolve_run_dir(run_dir)
     task = resolve_task(data)
     cfg = SliceConfig(image_size=image_size)
     cache_dir = build_cache(task, out / "cache", cfg, workers=workers, progress=progress)
     split = resolve_split(out, [c.case_id for c in task.cases], seed, split_file)
-    run = Run(task, out, cache_dir, split, cfg, seed)
+    run = Run(task, out, cache_dir, split, cfg, seed, context)
     write_json(out / "run.json", {"data": str(data), "task_dir": str(task.root), "slice_config": asdict(cfg),
                                   "cache_dir": str(cache_dir), **run.data_settings()})
     return run

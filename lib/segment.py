@@ -26,8 +26,8 @@ from lib.viz import curves, patient_gif, patient_grid, save_figure
 
 def model_config(run: Run, arch: str, encoder_name: str = "resnet18", encoder_depth: int | None = None,
                  decoder: dict[str, Any] | None = None, encoder_weights: str | None = None) -> ModelConfig:
-    """A ModelConfig for this run's channels and classes."""
-    return ModelConfig(arch, encoder_name, encoder_depth, encoder_weights, run.task.channels,
+    """A ModelConfig for this run's input channels (modalities x context slices) and classes."""
+    return ModelConfig(arch, encoder_name, encoder_depth, encoder_weights, run.in_channels,
                        run.task.num_classes, dict(decoder or {}))
 
 
@@ -79,10 +79,10 @@ def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | Non
     case_id = case_id or run.split["test"][0]
     sl = run.slices("test").patient(case_id)
     pred = predict_probs(model, sl.images, device=device).argmax(1).numpy()
-    fig = patient_grid(sl.images, sl.masks, pred, title=f"{name} on test patient {case_id}",
-                       slice_index=sl.slice_index)
+    images = sl.centre_images()
+    fig = patient_grid(images, sl.masks, pred, title=f"{name} on test patient {case_id}", slice_index=sl.slice_index)
     save_figure(fig, run.run_dir / name / f"patient_{case_id}.png")
-    gif = patient_gif(sl.images, sl.masks, pred, run.run_dir / name / f"patient_{case_id}.gif")
+    gif = patient_gif(images, sl.masks, pred, run.run_dir / name / f"patient_{case_id}.gif")
     return fig, gif, case_id
 
 

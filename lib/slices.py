@@ -72,6 +72,8 @@ class SliceSet:
         case_ids: (N,) patient id of each slice.
         slice_index: (N,) axial index of each slice in its volume.
         cases: per-patient geometry, keyed by case id, in load order.
+        context: neighbouring slices on each side stacked into ``images`` (2.5D input,
+            see :func:`with_context`); 0 for plain slices.
     """
 
     images: np.ndarray
@@ -79,6 +81,7 @@ class SliceSet:
     case_ids: np.ndarray
     slice_index: np.ndarray
     cases: dict[str, CaseMeta]
+    context: int = 0
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -91,7 +94,37 @@ class SliceSet:
         """A SliceSet of the slices at ``index``."""
         ids = self.case_ids[index]
         cases = {k: v for k, v in self.cases.items() if k in set(ids.tolist())}
-        return SliceSet(self.images[index], self.masks[index], ids, self.slice_index[index], cases)
+        return SliceSet(self.images[index], self.masks[index], ids, self.slice_index[index], cases, self.context)
+
+    def centre_images(self) -> np.ndarray:
+        """The images without their context neighbours: (N, C, S, S), for display."""
+        c = self.images.shape[1] // (2 * self.context + 1)
+        return self.images[:, self.context * c:(self.context + 1) * c]
+
+
+def with_context(slices: SliceSet, k: int) -> SliceSet:
+    """2.5D input: every slice with its ``k`` neighbours on either side as extra channels.
+
+    Channels are ordered z-k ... z ... z+k (each with all modalities); beyond a volume's
+    first or last slice the edge slice repeats. Neighbours are found within each patient
+    by ``slice_index``, so patients never mix; every patient needs all its slices.
+    """
+    if k < 0:
+        raise ValueError(f"context must be >= 0, got {k}")
+    if k == 0 or slices.context:
+        if slices.context not in (0, k):
+            raise ValueError(f"slices already carry context {slices.context}, asked for {k}")
+        return slices
+    neighbours = np.empty((len(slices), 2 * k + 1), dtype=np.int64)
+    for case_id in dict.fromkeys(slices.case_ids.tolist()):
+        rows = np.flatnonzero(slices.case_ids == case_id)
+        rows = rows[np.argsort(slices.slice_index[rows], kind="stable")]
+        if not np.array_equal(slices.slice_index[rows], np.arange(len(rows))):
+            raise ValueError(f"patient {case_id}: context slices need all of its slices, in one piece")
+        for j, offset in enumerate(range(-k, k + 1)):
+            neighbours[rows, j] = rows[np.clip(np.arange(len(rows)) + offset, 0, len(rows) - 1)]
+    images = slices.images[neighbours].reshape(len(slices), -1, *slices.images.shape[-2:])
+    return SliceSet(images, slices.masks, slices.case_ids, slices.slice_index, slices.cases, k)
 
 
 def normalise_volume(image: np.ndarray, is_ct: bool, cfg: SliceConfig) -> np.ndarray:
@@ -244,13 +277,16 @@ def load_slices(cache_dir: str | Path, case_ids: list[str]) -> SliceSet:
 
 
 def concat(*sets: SliceSet) -> SliceSet:
-    """Join SliceSets (e.g. real and synthetic training slices)."""
+    """Join SliceSets (e.g. real and synthetic training slices) with the same context."""
+    if len({s.context for s in sets}) > 1:
+        raise ValueError(f"cannot join slices with different context: {[s.context for s in sets]}")
     return SliceSet(
         np.concatenate([s.images for s in sets]),
         np.concatenate([s.masks for s in sets]),
         np.concatenate([s.case_ids for s in sets]),
         np.concatenate([s.slice_index for s in sets]),
         {k: v for s in sets for k, v in s.cases.items()},
+        sets[0].context,
     )
 
 

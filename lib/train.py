@@ -183,7 +183,9 @@ def fit(
     train_y = torch.from_numpy(train.masks).to(run.device)
     origin = time.perf_counter() - run.spent  # when training began, counting earlier sessions
     t_start, stopped = time.perf_counter(), "epochs"
-    if run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
+    if run.spent >= run.budget_s:  # resumed after the budget was spent
+        stopped = "time budget"
+    elif run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
         stopped = "early stopping"
     while stopped == "epochs" and run.epoch < cfg.epochs:
         row, out_of_time = run.train_epoch(train_x, train_y, train.masks, origin, last, progress)

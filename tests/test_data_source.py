@@ -52,3 +52,12 @@ def test_prepare_run_writes_split_and_cache(tmp_path):
     assert len(run.slices("train")) == 3 * 12 and run.labels == [1]
     again = prepare_run(str(folder), tmp_path / "run", image_size=32, seed=1, progress=False)
     assert again.split == run.split and again.cache_dir == run.cache_dir
+
+
+def test_context_run_feeds_neighbouring_slices_as_channels(tmp_path):
+    folder = make_task(tmp_path / "Task99_Test", 5)
+    run = prepare_run(str(folder), tmp_path / "run", image_size=32, seed=1, context=1, progress=False)
+    assert run.data_settings()["in_channels"] == 3 and run.data_settings()["context_slices"] == 1
+    assert run.slices("val").images.shape[1] == 3 and run.slices("val", context=0).images.shape[1] == 1
+    plain = prepare_run(str(folder), tmp_path / "run", image_size=32, seed=1, progress=False)
+    assert plain.data_settings() != run.data_settings()  # a 2.5D checkpoint is refused on single slices

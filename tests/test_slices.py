@@ -9,9 +9,11 @@ from lib.slices import (
     SliceConfig,
     build_cache,
     cache_dir_for,
+    concat,
     load_slices,
     normalise_volume,
     resize_slices,
+    with_context,
 )
 from tests.helpers import make_task
 
@@ -100,3 +102,24 @@ def test_stats_stored(task, tmp_path):
     assert 0 < stats["foreground_fraction"] < 1
     assert sum(stats["norm_hist"]) > 0.9 * 32 * 32 * 12
     assert json.dumps(stats)
+
+
+def test_context_slices_stack_neighbours_within_each_patient(task, tmp_path):
+    cache = build_cache(task, tmp_path, SliceConfig(image_size=32), workers=1, progress=False)
+    plain = load_slices(cache, ["p00", "p01"])
+    ctx = with_context(plain, 1)
+    assert ctx.images.shape == (len(plain), 3, 32, 32) and ctx.context == 1
+    np.testing.assert_array_equal(ctx.centre_images(), plain.images)
+    first, last = np.flatnonzero(plain.case_ids == "p01")[[0, -1]]
+    np.testing.assert_array_equal(ctx.images[first, 0], plain.images[first, 0])  # edge slice repeats, no p00 slice
+    np.testing.assert_array_equal(ctx.images[first, 2], plain.images[first + 1, 0])
+    np.testing.assert_array_equal(ctx.images[last, 0], plain.images[last - 1, 0])
+    np.testing.assert_array_equal(ctx.images[last, 2], plain.images[last, 0])
+    shuffled = with_context(plain.subset(np.random.default_rng(0).permutation(len(plain))), 1)
+    row = int(np.flatnonzero((shuffled.case_ids == "p01") & (shuffled.slice_index == 3))[0])
+    np.testing.assert_array_equal(shuffled.images[row], ctx.images[first + 3])  # order-independent
+    assert with_context(ctx, 1) is ctx and with_context(plain, 0) is plain
+    with pytest.raises(ValueError, match="all of its slices"):
+        with_context(plain.subset(np.arange(0, len(plain), 2)), 1)
+    with pytest.raises(ValueError, match="different context"):
+        concat(plain, ctx)

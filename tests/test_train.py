@@ -4,11 +4,12 @@ import torch
 
 from lib import train as train_mod
 from lib.checkpoint import load_model, read_checkpoint
+from lib.env import amp_dtype, autocast
 from lib.inference import predict_probs
 from lib.models import ModelConfig, build_model, check_image_size
 from lib.msd import read_task
 from lib.slices import SliceConfig, build_cache, load_slices
-from lib.train import TrainConfig, fit, patient_dice, sample_indices
+from lib.train import TrainConfig, fit, lr_factor, patient_dice, sample_indices
 from tests.helpers import make_task
 
 SIZE = 32
@@ -109,9 +110,32 @@ def test_checkpoint_of_other_architecture_or_data_is_refused(sets, tmp_path):
 
 def test_time_budget_stops_gracefully(sets, tmp_path):
     train, val, _ = sets
-    result = fit(train, val, small_model(), cfg(epochs=50, time_budget_min=1e-6), tmp_path, DATA, progress=False)
+    result = fit(train, val, small_model(), cfg(epochs=50, time_budget_min=1e-6, warmup_steps=0), tmp_path, DATA,
+                 progress=False)
     assert result.stopped == "time budget" and len(result.history) == 1
     assert (tmp_path / "best.pt").is_file()
+    assert result.history[0]["lr"] == pytest.approx(0.01 * 3e-3)  # the budget is spent: fully decayed
+    again = fit(train, val, small_model(), cfg(epochs=50, time_budget_min=1e-6, warmup_steps=0), tmp_path, DATA,
+                progress=False)
+    assert again.stopped == "time budget" and len(again.history) == 1  # resuming trains no further
+
+
+def test_lr_schedule_warms_up_then_decays_by_steps_or_time():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.505)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.01)
+    assert lr_factor(19, 100, 10, time_fraction=0.5) == pytest.approx(0.505)  # time runs out before steps do
+    assert lr_factor(20, 100, 10, time_fraction=2.0) == pytest.approx(0.01)
+
+
+def test_autocast_follows_amp_dtype():
+    cpu = torch.device("cpu")
+    conv, x = torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8)
+    with autocast(cpu):
+        assert conv(x).dtype == (amp_dtype(cpu) or torch.float32)
+    with autocast(cpu, enabled=False):
+        assert conv(x).dtype == torch.float32
 
 
 def test_early_stopping(sets, tmp_path):

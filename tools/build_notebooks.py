@@ -179,6 +179,7 @@ arch = {arch!r}  # any segmentation-models-pytorch architecture name
 encoder_name = "resnet18"
 encoder_depth = None  # None: the architecture's default
 decoder = {decoder!r}  # extra decoder options, e.g. {{"decoder_attention_type": "scse"}}
+context_slices = 0  # 2.5D input: neighbouring slices on each side as extra channels (1: 3 slices per sample)
 encoder_weights = None  # "imagenet" needs network access (e.g. Colab)
 epochs = 4
 time_budget_min = 3.0  # training stops gracefully when spent, then evaluates as usual
@@ -208,15 +209,15 @@ from lib.train import TrainConfig"""),
         code(params, "parameters"),
         md("## Data\nThe cached slices and the patient split from notebook 01."),
         code("""
-run = prepare_run(data, run_dir, split_file, image_size, seed, progress=False)
+run = prepare_run(data, run_dir, split_file, image_size, seed, context=context_slices, progress=False)
 dev = env.get_device(device)
 train_cfg = TrainConfig(epochs=epochs, time_budget_min=time_budget_min, batch_size=batch_size, lr=lr, seed=seed,
                         device=str(dev), augment=AugmentConfig() if augment else None)
 model_cfg = segment.model_config(run, arch, encoder_name, encoder_depth, decoder, encoder_weights)
 print(run.dataset_name, {k: len(run.split[k]) for k in ("train", "val", "test")}, "| device:", dev)"""),
-        md("## A training batch, as the network sees it (augmented)"),
+        md("## A training batch, as the network sees it (augmented; with context slices, the centre slice is shown)"),
         code("""
-train = run.slices("train")
+train = run.slices("train", context=0)
 g = torch.Generator().manual_seed(seed)
 xb, yb = augment_batch(torch.from_numpy(train.images[:: max(1, len(train) // 16)][:16]).float(),
                        torch.from_numpy(train.masks[:: max(1, len(train) // 16)][:16]).long(), AugmentConfig(), g)
@@ -257,7 +258,8 @@ diary.append_entry(
     notebook=f"{name} notebook",
     dataset=run.dataset_name,
     params={"image_size": image_size, "epochs": epochs, "time_budget_min": time_budget_min, "lr": lr,
-            "batch_size": batch_size, "augment": augment, "seed": seed, "decoder": decoder},
+            "batch_size": batch_size, "augment": augment, "seed": seed, "decoder": decoder,
+            "context_slices": context_slices},
     results={
         "split": {k: len(run.split[k]) for k in ("train", "val", "test")},
         "stopped_by": result.stopped,
@@ -531,6 +533,8 @@ def build(names: list[str] | None = None) -> list[Path]:
         if names and name not in names:
             continue
         nb = new_notebook(cells=cells())
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"cell-{i:02d}"  # stable ids: rebuilding changes only what changed
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         path = NB_DIR / f"{name}.ipynb"

@@ -1,0 +1,25 @@
+import json
+
+import numpy as np
+
+from lib import segment
+from lib.pipeline import prepare_run
+from lib.train import TrainConfig
+from tests.helpers import make_task
+
+
+def test_context_model_trains_reloads_tests_and_shows_a_patient(tmp_path):
+    run = prepare_run(str(make_task(tmp_path / "Task99_Test", 5, shape=(40, 40, 10))), tmp_path / "run",
+                      image_size=32, seed=0, context=1, progress=False)
+    model_cfg = segment.model_config(run, "unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
+    assert model_cfg.in_channels == 3
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
+    result = segment.train_model(run, "unet", model_cfg, cfg, progress=False)
+    model, meta = segment.reload_model(run, "unet")
+    assert meta["data"]["context_slices"] == 1
+    assert segment.max_prediction_difference(result.model, model, run.slices("val").images) < 1e-5
+    metrics = segment.test_model(run, "unet", model, meta)
+    assert set(metrics["cases"]) == set(run.split["test"]) and np.isfinite(metrics["mean"]["dice"])
+    _, gif, case_id = segment.show_patient(run, "unet", model)
+    assert gif.is_file() and (run.run_dir / "unet" / f"patient_{case_id}.png").is_file()
+    assert json.loads((run.run_dir / "unet" / "metrics.json").read_text())["model_config"]["in_channels"] == 3
