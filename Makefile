@@ -8,7 +8,7 @@ IMAGE_SIZE ?= 64
 PARAMS ?=
 NOTEBOOKS := 01_data_analysis 02_pspnet 03_fpn 04_unet 05_vae_synthesis
 
-.PHONY: run test venv notebooks bench lint clean
+.PHONY: run test venv notebooks bench cv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ notebooks: venv
 
 bench: venv
 	$(PY) bench/benchmark.py $(BENCH_ARGS)
+
+## Patient-level k-fold cross-validation of notebook 04 (FOLDS folds, every patient tested once).
+FOLDS ?= 5
+cv: venv
+	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) -- -p image_size $(IMAGE_SIZE) $(PARAMS)
 
 lint: venv
 	$(PY) -m ruff check lib tests tools bench

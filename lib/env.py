@@ -20,6 +20,10 @@ def get_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# torch's own CPU feature probes (private, hence looked up defensively: absent means no).
+_NATIVE_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for ``device``, or None where fp32 is faster.
 
@@ -29,7 +33,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_BF16_PROBES):
         return torch.bfloat16
     return None
 

@@ -107,7 +107,7 @@ def evaluate(
     table = metrics_table(result)
     write_with(out_dir / "metrics.csv", lambda p: table.to_csv(p, index=True))
     if compare_postprocessing:
-        write_json(out_dir / "postprocessing.json", {k: summarise(v) for k, v in variants.items()})
+        write_json(out_dir / "postprocessing.json", {k: summarise(v) | {"cases": v} for k, v in variants.items()})
     return result
 
 

@@ -109,6 +109,19 @@ def comparison_table(run_dir: str | Path, names: list[str]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def cross_validation_table(fold_dirs: list[str | Path], name: str) -> pd.DataFrame:
+    """One row per test patient of a cross-validation (each fold's ``<name>/metrics.json``),
+    with its fold, test Dice (reported post-processing) and HD95, and the Dice with flip TTA."""
+    rows = {}
+    for fold, fold_dir in enumerate(map(Path, fold_dirs)):
+        metrics = read_json(fold_dir / name / "metrics.json")
+        tta = read_json(fold_dir / name / "postprocessing.json")["tta+lcc"]["cases"]
+        for case_id, m in metrics["cases"].items():
+            rows[case_id] = {"fold": fold, "dice": m["dice"], "hd95_mm": m["hd95"], "dice_tta": tta[case_id]["dice"],
+                             "val_dice": metrics["best_val_dice"], "epochs": metrics["epochs_trained"]}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("patient")
+
+
 def choose_learning_rate(run: Run, model_cfg: ModelConfig, train_cfg: TrainConfig, lrs: list[float],
                          epochs: int) -> pd.DataFrame:
     """Short trainings at each learning rate, scored on the validation split only.

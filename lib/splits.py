@@ -35,6 +35,37 @@ def make_split(case_ids: list[str], seed: int = 0, val_fraction: float = 0.2, te
     }
 
 
+def make_folds(case_ids: list[str], k: int = 5, seed: int = 0,
+               start: dict[str, list[str]] | None = None) -> list[dict[str, list[str]]]:
+    """Patient-level k-fold cross-validation: every patient is tested exactly once.
+
+    Patients are shuffled by ``seed`` into ``k`` groups; fold ``i`` tests on group ``i``,
+    validates on group ``i + 1`` (mod k) and trains on the rest.
+
+    Args:
+        start: an existing split to extend: its test and val patients become groups 0
+            and 1 (so fold 0 is that split) and the others are shuffled into the rest.
+    """
+    ids = sorted(set(case_ids))
+    if not 3 <= k <= len(ids):
+        raise ValueError(f"need 3 <= k <= {len(ids)} patients, got k={k}")
+    rng = np.random.default_rng(seed)
+    if start is None:
+        groups = [sorted(g.tolist()) for g in np.array_split(rng.permutation(ids), k)]
+    else:
+        check_split(start, ids, "start split")
+        fixed = [sorted(start["test"]), sorted(start["val"])]
+        rest = [c for c in rng.permutation(ids).tolist() if c not in fixed[0] + fixed[1]]
+        groups = fixed + [sorted(g.tolist()) for g in np.array_split(np.array(rest, dtype=object), k - 2)]
+        if min(map(len, groups)) == 0:
+            raise ValueError(f"{len(ids)} patients cannot fill {k} folds around the start split")
+    return [
+        {"train": sorted(c for j, g in enumerate(groups) if j not in (i, (i + 1) % k) for c in g),
+         "val": groups[(i + 1) % k], "test": groups[i]}
+        for i in range(k)
+    ]
+
+
 def check_split(split: dict[str, list[str]], case_ids: list[str], source: str = "split") -> None:
     """Raise ValueError if a patient is in two splits, unknown, or a split is missing."""
     missing = [s for s in SPLITS if s not in split]

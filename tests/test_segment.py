@@ -23,3 +23,16 @@ def test_context_model_trains_reloads_tests_and_shows_a_patient(tmp_path):
     _, gif, case_id = segment.show_patient(run, "unet", model)
     assert gif.is_file() and (run.run_dir / "unet" / f"patient_{case_id}.png").is_file()
     assert json.loads((run.run_dir / "unet" / "metrics.json").read_text())["model_config"]["in_channels"] == 3
+
+
+def test_cross_validation_table_has_one_row_per_test_patient(tmp_path):
+    for fold, cases in enumerate([["a", "b"], ["c"]]):
+        out = tmp_path / f"fold_{fold}" / "unet"
+        out.mkdir(parents=True)
+        scores = {c: {"dice": 0.5 + 0.1 * i, "hd95": 3.0} for i, c in enumerate(cases)}
+        (out / "metrics.json").write_text(json.dumps({"cases": scores, "best_val_dice": 0.7, "epochs_trained": 4}))
+        tta = {c: {"dice": 0.9} for c in cases}
+        (out / "postprocessing.json").write_text(json.dumps({"tta+lcc": {"cases": tta}}))
+    table = segment.cross_validation_table([tmp_path / "fold_0", tmp_path / "fold_1"], "unet")
+    assert list(table.index) == ["a", "b", "c"] and list(table["fold"]) == [0, 0, 1]
+    assert table["dice"].tolist() == [0.5, 0.6, 0.5] and table["dice_tta"].tolist() == [0.9] * 3

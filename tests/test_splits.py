@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lib.splits import check_split, make_split, resolve_split
+from lib.splits import check_split, make_folds, make_split, resolve_split
 
 IDS = [f"la_{i:03d}" for i in range(20)]
 
@@ -50,3 +50,26 @@ def test_split_file_wins(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="bad.json"):
         resolve_split(tmp_path / "run2", IDS, seed=0, split_file=tmp_path / "bad.json")
+
+
+def test_folds_test_every_patient_once_and_never_mix():
+    ids = [f"p{i:02d}" for i in range(11)]
+    folds = make_folds(ids, k=5, seed=3)
+    assert sorted(c for f in folds for c in f["test"]) == ids
+    for i, fold in enumerate(folds):
+        check_split(fold, ids)
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == ids
+        assert fold["val"] == folds[(i + 1) % 5]["test"]
+    assert make_folds(ids, k=5, seed=3) == folds and make_folds(ids, k=5, seed=4) != folds
+
+
+def test_folds_can_start_from_an_existing_split():
+    ids = [f"p{i:02d}" for i in range(10)]
+    start = make_split(ids, seed=0)
+    folds = make_folds(ids, k=5, seed=1, start=start)
+    assert folds[0] == {k: start[k] for k in ("train", "val", "test")}
+    assert sorted(c for f in folds for c in f["test"]) == ids
+    with pytest.raises(ValueError, match="3 <= k"):
+        make_folds(ids, k=11)
+    with pytest.raises(ValueError, match="cannot fill"):
+        make_folds(ids[:5], k=5, start={"train": ["p00"], "val": ["p01", "p02"], "test": ["p03", "p04"]})
