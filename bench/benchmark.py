@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.step_variants import pure_step_seconds  # noqa: E402
 from lib import diffusion, vae  # noqa: E402
-from lib.env import amp_dtype, autocast, get_device, hardware  # noqa: E402
+from lib.env import amp_dtype, get_device, hardware  # noqa: E402
 from lib.inference import predict_probs, probs_to_volume  # noqa: E402
 from lib.models import ModelConfig, build_model  # noqa: E402
 from lib.msd import read_task  # noqa: E402
@@ -150,30 +151,6 @@ def our_training(cache_dir: Path, ids: list[str], val_ids: list[str], size: int,
             "peak_memory_mib": mem.peak}
 
 
-def pure_model_step(size: int, batch: int, device: torch.device, steps: int = 10) -> float:
-    """Seconds per forward+backward+step of the U-Net on random tensors, with the same
-    precision and memory layout as :func:`lib.train.fit`."""
-    model = build_model(ModelConfig(arch="unet", encoder_name="resnet18"), size).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters())
-    criterion = loss_fn(2)
-    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, size, size, device=device) > 0.9).long()
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        with autocast(device):
-            loss = criterion(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def conversion(task_dir: Path, size: int) -> dict:
     """Seconds to convert every patient to cached slices (2 workers), and to reload them."""
     task = read_task(task_dir)
@@ -246,7 +223,7 @@ def main() -> None:
         cache = build_cache(task, tmp, SliceConfig(image_size=args.image_size), workers=2, progress=False)
         ours = our_training(cache, ids[:-2], ids[-2:], args.image_size, args.steps, args.batch_size, device)
         base = baseline_training(task.cases[:-2], args.image_size, args.steps, args.batch_size, device, args.workers)
-        results["pure_step_seconds"] = pure_model_step(args.image_size, args.batch_size, device)
+        results["pure_step_seconds"] = pure_step_seconds(args.image_size, args.batch_size, device, dtype=amp_dtype(device))
         results["infer_seconds_per_volume"] = inference(cache, ids[-2:], args.image_size, device)
         results["generate_pairs_per_s"] = generation(cache, ids[:-2], args.image_size, device, args.samples)
     results.update({

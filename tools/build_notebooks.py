@@ -223,7 +223,7 @@ xb, yb = augment_batch(torch.from_numpy(train.images[:: max(1, len(train) // 16)
                        torch.from_numpy(train.masks[:: max(1, len(train) // 16)][:16]).long(), AugmentConfig(), g)
 plt.show(viz.pair_grid(xb.numpy(), yb.numpy(), title="augmented training slices"))"""),
         *extra,
-        md("## Train\nDice + BCE loss, AdamW with warm-up and cosine decay, per-patient 3D Dice on the validation patients every epoch; the best epoch is kept. Re-running resumes from `last.pt`."),
+        md("## Train\nDice + BCE loss, AdamW with warm-up and cosine decay (over the time budget when it ends before the epochs do), mixed precision where the hardware has fast bf16/fp16, per-patient 3D Dice on the validation patients every epoch; the best epoch is kept. Re-running resumes from `last.pt`."),
         code("""
 result = segment.train_model(run, name, model_cfg, train_cfg)
 print(f"stopped by {result.stopped} after {len(result.history)} epochs, {result.train_seconds / 60:.1f} min; "
