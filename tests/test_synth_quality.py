@@ -19,24 +19,14 @@ from lib.synth_quality import (
     sharpness,
     sharpness_ratio,
 )
+from tests import helpers
 
 SIZE = 32
 
 
 def make_discs(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Noisy images with bright discs (class 1); every third slice is empty."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    images = rng.normal(0, 0.3, (n, 1, SIZE, SIZE)).astype(np.float32)
-    masks = np.zeros((n, SIZE, SIZE), np.uint8)
-    for i in range(n):
-        if i % 3 == 0:
-            continue
-        cy, cx = rng.uniform(10, SIZE - 10, 2)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(4, 7) ** 2
-        masks[i][disc] = 1
-        images[i, 0][disc] += 3.0
-    return images, masks
+    return helpers.make_discs(n, SIZE, seed, margin=10, radius=(4, 7))
 
 
 class TinyEncoder(nn.Module):
