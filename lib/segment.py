@@ -175,21 +175,24 @@ def comparison_figure(table: pd.DataFrame):
     return fig
 
 
-def recommend(table: pd.DataFrame, tolerance: float = 0.01) -> str:
+def recommend(table: pd.DataFrame, tolerance: float = 0.01, faster: float = 0.9) -> str:
     """A recommendation justified by the numbers in ``table``.
 
     The model with the best **validation** Dice wins; a model within ``tolerance`` of it
-    that trains faster and is smaller is preferred. Test Dice is reported, never used.
+    that trains in at most ``faster`` times its minutes and has no more parameters is
+    preferred. Test Dice is reported, never used.
     """
     if table.empty:
         return "No trained models found in this run folder."
     ranked = table.sort_values("val_dice", ascending=False)
-    best = ranked.index[0]
-    close = ranked[ranked["val_dice"] >= ranked.loc[best, "val_dice"] - tolerance]
-    choice = close.sort_values(["train_min", "params_M"]).index[0]
+    best = ranked.loc[ranked.index[0]]
+    cheaper = ranked[(ranked["val_dice"] >= best["val_dice"] - tolerance)
+                     & (ranked["train_min"] <= faster * best["train_min"]) & (ranked["params_M"] <= best["params_M"])]
+    choice = cheaper.sort_values(["train_min", "params_M"]).index[0] if len(cheaper) else best.name
     row = table.loc[choice]
-    why = ("best validation Dice" if choice == best else
-           f"within {tolerance:.2f} validation Dice of {best} while faster to train and smaller")
+    why = ("best validation Dice" if choice == best.name else
+           f"within {tolerance:.2f} validation Dice of {best.name}, trains in {row['train_min'] / best['train_min']:.0%} "
+           f"of its time and is no larger")
     return (
         f"Recommendation: {choice} ({row['arch']} / {row['encoder']}): {why}. "
         f"Validation Dice {row['val_dice']:.3f}, test Dice {row['test_dice']:.3f} ± {row['test_dice_std']:.3f}, "

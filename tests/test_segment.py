@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 
 from lib import segment
 from lib.pipeline import prepare_run
@@ -36,3 +37,19 @@ def test_cross_validation_table_has_one_row_per_test_patient(tmp_path):
     table = segment.cross_validation_table([tmp_path / "fold_0", tmp_path / "fold_1"], "unet")
     assert list(table.index) == ["a", "b", "c"] and list(table["fold"]) == [0, 0, 1]
     assert table["dice"].tolist() == [0.5, 0.6, 0.5] and table["dice_tta"].tolist() == [0.9] * 3
+
+
+def test_recommendation_prefers_a_cheaper_model_only_when_it_is_cheaper():
+    def table(rows):
+        cols = ["arch", "encoder", "val_dice", "test_dice", "test_dice_std", "test_hd95_mm", "train_min",
+                "infer_s_per_volume", "params_M"]
+        return pd.DataFrame({n: dict(zip(cols, r)) for n, r in rows.items()}).T.astype({c: float for c in cols[2:]})
+
+    same_time = table({"unet": ("unet", "r18", 0.845, 0.82, 0.04, 12, 13.41, 1, 14.33),
+                       "unet_scse": ("unet", "r18", 0.8448, 0.80, 0.04, 14, 13.37, 1.6, 14.44)})
+    assert segment.recommend(same_time).startswith("Recommendation: unet (")
+    cheaper = table({"unet": ("unet", "r18", 0.845, 0.82, 0.04, 12, 13.4, 1, 14.3),
+                     "pspnet": ("pspnet", "r18", 0.84, 0.75, 0.04, 15, 6.0, 0.5, 3.2)})
+    text = segment.recommend(cheaper)
+    assert text.startswith("Recommendation: pspnet (") and "45% of its time" in text
+    assert segment.recommend(cheaper, tolerance=0.001).startswith("Recommendation: unet (")
