@@ -49,16 +49,14 @@ def make_folds(case_ids: list[str], k: int = 5, seed: int = 0,
     ids = sorted(set(case_ids))
     if not 3 <= k <= len(ids):
         raise ValueError(f"need 3 <= k <= {len(ids)} patients, got k={k}")
-    rng = np.random.default_rng(seed)
-    if start is None:
-        groups = [sorted(g.tolist()) for g in np.array_split(rng.permutation(ids), k)]
-    else:
+    fixed = []
+    if start is not None:
         check_split(start, ids, "start split")
         fixed = [sorted(start["test"]), sorted(start["val"])]
-        rest = [c for c in rng.permutation(ids).tolist() if c not in fixed[0] + fixed[1]]
-        groups = fixed + [sorted(g.tolist()) for g in np.array_split(np.array(rest, dtype=object), k - 2)]
-        if min(map(len, groups)) == 0:
-            raise ValueError(f"{len(ids)} patients cannot fill {k} folds around the start split")
+    rest = [c for c in np.random.default_rng(seed).permutation(ids).tolist() if not any(c in g for g in fixed)]
+    groups = fixed + [sorted(g.tolist()) for g in np.array_split(np.array(rest, dtype=object), k - len(fixed))]
+    if min(map(len, groups)) == 0:
+        raise ValueError(f"{len(ids)} patients cannot fill {k} folds around the start split")
     return [
         {"train": sorted(c for j, g in enumerate(groups) if j not in (i, (i + 1) % k) for c in g),
          "val": groups[(i + 1) % k], "test": groups[i]}

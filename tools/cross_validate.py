@@ -18,14 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from lib.atomic import read_json, write_json, write_with  # noqa: E402
 from lib.data_source import resolve_task  # noqa: E402
 from lib.segment import cross_validation_table  # noqa: E402
 from lib.splits import make_folds  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def scored(fold_dir: Path, name: str, test: list[str]) -> bool:
