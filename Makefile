@@ -8,7 +8,7 @@ IMAGE_SIZE ?= 64
 PARAMS ?=
 NOTEBOOKS := 01_data_analysis 02_pspnet 03_fpn 04_unet 05_vae_synthesis
 
-.PHONY: run test venv notebooks bench cv lint clean
+.PHONY: run test venv publish bench cv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,9 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
-notebooks: venv
-	$(PY) tools/build_notebooks.py
+## Publish a run folder's executed notebooks, key figures and JSON results to results/<dataset>/.
+publish: venv
+	$(PY) tools/publish_results.py $(RUN)
 
 bench: venv
 	$(PY) bench/benchmark.py $(BENCH_ARGS)
@@ -45,7 +46,7 @@ cv: venv
 	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) -- -p image_size $(IMAGE_SIZE) $(PARAMS)
 
 lint: venv
-	$(PY) -m ruff check lib tests tools bench
+	$(PY) -m ruff check lib tests tools bench notebooks
 
 clean:
 	rm -rf runs/demo data/archives

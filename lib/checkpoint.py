@@ -5,6 +5,8 @@ Files are written atomically, so an interrupted save keeps the previous checkpoi
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +58,39 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def check_compatible(state: dict[str, Any], expected: dict[str, Any], source: str = "checkpoint") -> None:
     """Raise ValueError if the checkpoint's model or data settings differ from ``expected``.
 
     ``expected`` may hold "model_config" and/or "data" entries; only keys given are compared.
+    A different patient split gets its own message: a model trained on another split may
+    have seen this run's test patients, so scoring it would be meaningless.
     """
     problems = []
     for section in ("model_config", "data"):
         for key, want in expected.get(section, {}).items():
             have = state.get(section, {}).get(key)
-            if have != want:
+            if _plain(have) == _plain(want):
+                continue
+            if section == "data" and key == "split":
+                problems.append(
+                    f"it was trained on another patient split ({_describe_split(have)}) than this run's "
+                    f"split.json ({_describe_split(want)}), so it may have seen this run's test patients. "
+                    "Use a new run_dir for the new split, or pass the checkpoint's split as split_file")
+            else:
                 problems.append(f"{section}.{key}: checkpoint has {have!r}, expected {want!r}")
     if problems:
         raise ValueError(f"{source}: incompatible with this run: " + "; ".join(problems))
+
+
+def _describe_split(split: Any) -> str:
+    if not isinstance(split, dict):
+        return "not recorded"
+    return "; ".join(f"{name} {', '.join(split.get(name, []))}" for name in ("train", "val", "test"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", expected: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -84,6 +106,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expected: d
     state = read_checkpoint(path)
     if expected:
         check_compatible(state, expected, str(path))
-    model = build_model(ModelConfig(**state["model_config"]))
+    # The checkpoint holds every weight: never fetch pretrained ones (works offline).
+    model = build_model(replace(ModelConfig(**state["model_config"]), encoder_weights=None))
     model.load_state_dict(state.pop("state_dict"))
     return model.to(device, memory_format=torch.channels_last).eval(), state

@@ -1,4 +1,9 @@
-"""The research diary: every notebook run appends a dated, structured entry to diary.md.
+"""The research diary: every notebook run appends one compact, dated entry to diary.md.
+
+An automatic entry names the notebook, the data and split, the settings and hardware,
+the headline results and the run folder that holds the full record (metrics.json,
+history.json, figures). Values are written as plain text, never as JSON blobs; the
+hand-written entries of diary.md interpret them.
 
 Entries are appended atomically (read, add, write a temporary file, rename) under a
 file lock, so a crash never truncates the diary and two runs never interleave.
@@ -8,9 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,8 @@ from typing import Any
 from lib.atomic import write_text
 from lib.paths import PROJECT_ROOT
 
-HEADER = "# Research diary\n\nOne entry per notebook run, newest last. Written by `lib.diary.append_entry`.\n"
+HEADER = ("# Research diary\n\nDated entries, oldest first. Automatic entries are written by "
+          "`lib.diary.append_entry` at the end of each notebook run.\n")
 
 
 def diary_path(path: str | Path | None = None) -> Path:
@@ -34,11 +39,17 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A value as short plain text: floats to 4 significant digits, lists joined by commas,
+    mappings as ``key value`` pairs (one level deep)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, Mapping | list | tuple):
-        return "`" + json.dumps(value, default=str) + "`"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {format_value(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(format_value(v) for v in value) or "none"
     return str(value)
 
 
@@ -51,30 +62,38 @@ def _relative(path: str | Path) -> str:
         return str(path)
 
 
+def _pairs(values: Mapping[str, Any]) -> str:
+    return " · ".join(f"{k} {format_value(v)}" for k, v in values.items())
+
+
 def format_entry(
     title: str,
     *,
     notebook: str,
     dataset: str,
-    params: Mapping[str, Any],
+    setup: Mapping[str, Any],
     results: Mapping[str, Any],
-    figures: Sequence[str | Path] = (),
+    record: str | Path | None = None,
     notes: str = "",
     when: dt.datetime | None = None,
 ) -> str:
-    """Render one diary entry as Markdown."""
+    """Render one automatic entry as a few lines of Markdown.
+
+    Args:
+        setup: split, seed, settings and hardware, as ``{name: value}``.
+        results: the headline numbers, as ``{name: value}``.
+        record: the run folder (or file) holding the full record.
+    """
     when = when or dt.datetime.now().astimezone()
     lines = [
-        f"## {when:%Y-%m-%d %H:%M} {title}",
+        f"## {when:%Y-%m-%d %H:%M} · {title} (automatic entry)",
         "",
-        f"- **Notebook**: `{notebook}`",
-        f"- **Dataset**: {dataset}",
-        "- **Parameters**: " + ", ".join(f"`{k}={v!r}`" for k, v in params.items()),
-        "- **Results**:",
-        *[f"  - {k}: {_fmt(v)}" for k, v in results.items()],
+        f"- **Run**: `{notebook}` on {dataset}",
+        f"- **Setup**: {_pairs(setup)}",
+        f"- **Result**: {_pairs(results)}",
     ]
-    if figures:
-        lines.append("- **Figures**: " + ", ".join(f"`{_relative(f)}`" for f in figures))
+    if record is not None:
+        lines.append(f"- **Full record**: `{_relative(record)}` (run folder, not committed)")
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"

@@ -56,16 +56,20 @@ class Run:
         """The cached slices of every patient of the task."""
         return load_slices(self.cache_dir, [c.case_id for c in self.task.cases])
 
-    def data_settings(self) -> dict[str, Any]:
-        """What a checkpoint must match to be used on this run's data."""
+    def data_settings(self, context: int | None = None) -> dict[str, Any]:
+        """What a checkpoint must match to be used on this run's data: the slices, the
+        classes and the patient split (a model trained on another split may have seen this
+        run's test patients). ``context``: the context slices (default: the run's)."""
+        context = self.context if context is None else context
         return {
             "task": self.task.root.name,
             "image_size": self.slice_cfg.image_size,
             "slice_key": self.slice_cfg.key(),
-            "in_channels": self.in_channels,
-            "context_slices": self.context,
+            "in_channels": self.task.channels * (2 * context + 1),
+            "context_slices": context,
             "num_classes": self.task.num_classes,
             "labels": {str(k): v for k, v in self.task.labels.items()},
+            "split": {name: list(self.split[name]) for name in ("train", "val", "test")},
         }
 
 

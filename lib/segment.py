@@ -13,15 +13,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from lib.atomic import read_json
-from lib.checkpoint import load_model
+from lib.checkpoint import check_compatible, load_model
 from lib.evaluate import evaluate
 from lib.inference import predict_probs
 from lib.models import ModelConfig, count_parameters
 from lib.pipeline import Run
 from lib.train import FitResult, TrainConfig, fit
 from lib.viz import curves, patient_gif, patient_grid, save_figure
+
+MODEL_ORDER = ("pspnet", "fpn", "unet")  # the notebooks' models first in tables, then the rest by name
 
 
 def model_config(run: Run, arch: str, encoder_name: str = "resnet18", encoder_depth: int | None = None,
@@ -31,18 +35,59 @@ def model_config(run: Run, arch: str, encoder_name: str = "resnet18", encoder_de
                        run.task.num_classes, dict(decoder or {}))
 
 
-def train_model(run: Run, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, *, progress: bool = True) -> FitResult:
-    """Train (or resume) the model ``name`` on the run's train split, validating on val."""
+def train_model(run: Run, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, *, keep: str = "best",
+                progress: bool = True) -> FitResult:
+    """Train (or resume) the model ``name`` on the run's train split, validating on val.
+
+    ``keep``: "best" keeps ``best.pt`` after training, "none" only the record (see :func:`fit`).
+    """
     result = fit(run.slices("train"), run.slices("val"), model_cfg, train_cfg, run.run_dir / name,
-                 run.data_settings(), progress=progress)
+                 run.data_settings(), keep=keep, progress=progress)
     save_figure(curves(result.history, f"{name}: {model_cfg.arch} / {model_cfg.encoder_name}"),
                 run.run_dir / name / "curves.png")
     return result
 
 
-def reload_model(run: Run, name: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild ``<name>/best.pt``, checking it was trained for this run's data settings."""
-    return load_model(run.run_dir / name / "best.pt", device, expected={"data": run.data_settings()})
+def reload_model(run: Run, name: str, device: str | torch.device = "cpu", *,
+                 single_slice: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild ``<name>/best.pt``, checking it was trained for this run's data and split.
+
+    Args:
+        single_slice: return a model that takes single slices (N, C, H, W) even when it was
+            trained with context slices (2.5D): each slice is repeated as its own neighbours,
+            as edge slices are in training. For data without neighbours, e.g. synthetic pairs.
+    """
+    model, meta = load_model(run.run_dir / name / "best.pt", device)
+    context = meta["data"].get("context_slices", 0)
+    check_compatible(meta, {"data": run.data_settings(context if single_slice else None)},
+                     str(run.run_dir / name / "best.pt"))
+    if single_slice and context:
+        model = SingleSlice(model, 2 * context + 1)
+    return model, meta
+
+
+class SingleSlice(nn.Module):
+    """Feeds a 2.5D model single slices by repeating each slice as its own neighbours.
+
+    ``encoder`` is wrapped the same way, so encoder features work on single slices too.
+    """
+
+    def __init__(self, model: nn.Module, copies: int) -> None:
+        super().__init__()
+        self.model, self.copies = model, copies
+        self.encoder = _Repeat(model.encoder, copies)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.repeat(1, self.copies, 1, 1))
+
+
+class _Repeat(nn.Module):
+    def __init__(self, module: nn.Module, copies: int) -> None:
+        super().__init__()
+        self.module, self.copies = module, copies
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.module(x.repeat(1, self.copies, 1, 1))
 
 
 def max_prediction_difference(a: torch.nn.Module, b: torch.nn.Module, images: np.ndarray) -> float:
@@ -86,10 +131,20 @@ def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | Non
     return fig, gif, case_id
 
 
-def comparison_table(run_dir: str | Path, names: list[str]) -> pd.DataFrame:
-    """One row per trained model from its metrics.json: Dice, HD95, time, parameters."""
+def trained_models(run_dir: str | Path) -> list[str]:
+    """The model folders of a run that hold test scores (``<name>/metrics.json``)."""
+    names = [p.parent.name for p in Path(run_dir).glob("*/metrics.json")]
+    return sorted(names, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
+
+
+def comparison_table(run_dir: str | Path, names: list[str] | None = None) -> pd.DataFrame:
+    """One row per trained model from its metrics.json: Dice, HD95, time, parameters.
+
+    Args:
+        names: the model folders to compare (default: every one with test scores).
+    """
     rows = {}
-    for name in names:
+    for name in trained_models(run_dir) if names is None else names:
         path = Path(run_dir) / name / "metrics.json"
         if not path.is_file():
             continue
@@ -123,36 +178,47 @@ def cross_validation_table(fold_dirs: list[str | Path], name: str) -> pd.DataFra
 
 
 def choose_learning_rate(run: Run, model_cfg: ModelConfig, train_cfg: TrainConfig, lrs: list[float],
-                         epochs: int) -> pd.DataFrame:
+                         epochs: int, *, progress: bool = True) -> pd.DataFrame:
     """Short trainings at each learning rate, scored on the validation split only.
+
+    The trials keep their records (``hp/lr_<lr>/fit.json``, ``history.json``) but no
+    checkpoints. An empty ``lrs`` trains nothing and returns an empty table.
 
     Returns:
         A table indexed by learning rate with the best validation Dice and minutes.
     """
     rows = {}
-    for lr in lrs:
+    for lr in tqdm(lrs, desc="learning-rate trials", disable=not progress or not lrs):
         cfg = replace(train_cfg, lr=lr, epochs=epochs, patience=None)
         result = fit(run.slices("train"), run.slices("val"), model_cfg, cfg, run.run_dir / "hp" / f"lr_{lr:g}",
-                     run.data_settings(), progress=False)
+                     run.data_settings(), keep="none", progress=False)
         rows[lr] = {"val_dice": result.best_val_dice, "minutes": result.train_seconds / 60}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("lr")
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["val_dice", "minutes"]).rename_axis("lr")
 
 
-def architecture_study(run: Run, base: ModelConfig, train_cfg: TrainConfig, variants: dict[str, dict[str, Any]],
-                       *, epochs: int | None = None, device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Train and test each U-Net variant (changes applied to ``base``) as ``unet_<variant>``.
+def architecture_study(run: Run, name: str, base: ModelConfig, train_cfg: TrainConfig,
+                       variants: dict[str, dict[str, Any]], *, epochs: int | None = None,
+                       device: str | torch.device = "cpu", keep_checkpoints: bool = False,
+                       progress: bool = True) -> pd.DataFrame:
+    """Train and test each variant of model ``name`` (changes applied to ``base``) as
+    ``<name>_<variant>``, with the same budget; a variant already scored is skipped.
 
     Args:
         epochs: epochs of each variant (default: ``train_cfg.epochs``).
+        keep_checkpoints: keep each variant's ``best.pt`` (default: metrics only).
+
+    Returns:
+        The comparison table of ``name`` and its variants (empty without variants).
     """
     train_cfg = replace(train_cfg, epochs=epochs or train_cfg.epochs)
-    for variant, change in variants.items():
-        cfg = replace(base, **change)
-        name = f"unet_{variant}"
-        train_model(run, name, cfg, train_cfg, progress=False)
-        model, meta = reload_model(run, name, device)
-        test_model(run, name, model, meta, device=device, largest_component=True)
-    return comparison_table(run.run_dir, ["unet", *[f"unet_{v}" for v in variants]])
+    for variant, change in tqdm(variants.items(), desc="architecture variants", disable=not progress or not variants):
+        cfg, folder = replace(base, **change), f"{name}_{variant}"
+        if (run.run_dir / folder / "metrics.json").is_file():
+            continue
+        result = train_model(run, folder, cfg, train_cfg, keep="best" if keep_checkpoints else "none", progress=False)
+        meta = {"model_config": cfg.to_dict(), "epoch": result.best_epoch, "best_val_dice": result.best_val_dice}
+        test_model(run, folder, result.model, meta, device=device, largest_component=True)
+    return comparison_table(run.run_dir, [name, *[f"{name}_{v}" for v in variants]]) if variants else pd.DataFrame()
 
 
 def comparison_figure(table: pd.DataFrame):
@@ -204,6 +270,6 @@ def recommend(table: pd.DataFrame, tolerance: float = 0.01, faster: float = 0.9)
     )
 
 
-def predict_masks_fn(model: torch.nn.Module, device: str | torch.device = "cpu"):
+def predict_masks_fn(model: nn.Module, device: str | torch.device = "cpu"):
     """A function (N, C, H, W) float -> (N, H, W) uint8 masks, for scoring synthetic pairs."""
     return lambda images: predict_probs(model, images, device=device).argmax(1).numpy().astype(np.uint8)

@@ -10,11 +10,14 @@ so a gain cannot come from patients the real-only baseline never saw; and every 
 trains for the same number of steps (set ``samples_per_epoch`` in the TrainConfig), so
 a gain cannot come from longer training on a larger set. Every run is one
 record in ``study/results.json`` (written atomically after each run; a re-run skips the
-records already there, so an interrupted study resumes).
+records already there, so an interrupted study resumes). The study keeps records, not
+models: each (n_real, seed) cell's segmenters, generators and synthetic slices are
+deleted once its records are written, unless ``keep_checkpoints`` asks for them.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from lib import diffusion, vae
 from lib.atomic import read_json, write_json
@@ -111,6 +115,8 @@ def run_study(
     *,
     synthetic_only: bool = True,
     latent_baseline: bool = True,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Run every condition of the study; returns all records of ``study/results.json``.
@@ -118,7 +124,8 @@ def run_study(
     Conditions per (n_real, seed): "real" (real slices only, classic augmentation),
     "real+synthetic" for each generator and ratio (synthetic slices = ratio x real
     slices), "synthetic" (only synthetic slices, as many as the real slices), and
-    "latent" (segmentation decoder on the VAE's detached latent code).
+    "latent" (segmentation decoder on the VAE's detached latent code). A progress bar
+    counts the (n_real, seed) cells.
     """
     out = run.run_dir / "study"
     path = out / "results.json"
@@ -141,46 +148,49 @@ def run_study(
     def segment(name: str, train_set: SliceSet, seed: int) -> tuple[dict[str, float], float]:
         t0 = time.perf_counter()
         result = fit(train_set, val, model_cfg, replace(train_cfg, seed=seed), out / "seg" / name,
-                     run.data_settings(), progress=False)
+                     run.data_settings(), keep="best" if keep_checkpoints else "none", progress=False)
         probs = predict_probs(result.model, test.images, device=device)
         return score_slices(probs, test, truths, run.labels), time.perf_counter() - t0
 
-    for n in n_real:
-        for seed in seeds:
-            patients = real_subset(run, n, seed)
-            real = train.subset(np.flatnonzero(np.isin(train.case_ids, patients)))
-            tag = f"n{n}_s{seed}"
-            if ("real", None, n, 0.0, seed) not in done:
-                scores, secs = segment(f"real_{tag}", real, seed)
-                record("real", None, n, 0.0, seed, patients, len(real), 0, scores, secs)
-            models = {}
-            for kind, gcfg in generator_cfgs.items():
-                wanted = [r for r in ratios if ("real+synthetic", kind, n, float(r), seed) not in done]
-                need_synth_only = synthetic_only and ("synthetic", kind, n, None, seed) not in done
-                need_latent = latent_baseline and kind == "vae" and ("latent", "vae", n, None, seed) not in done
-                if not (wanted or need_synth_only or need_latent):
-                    continue
-                models[kind] = train_generator(kind, real, replace(gcfg, seed=seed), out / "generators" / f"{kind}_{tag}",
-                                               device)
-                for ratio in wanted:
-                    n_synth = max(1, int(round(ratio * len(real))))
-                    synth = synthetic_set(kind, models[kind], n_synth, seed,
-                                          out / "synthetic" / f"{kind}_{tag}_r{ratio:g}.npz", device)
-                    scores, secs = segment(f"{kind}_r{ratio:g}_{tag}", concat(real, synth), seed)
-                    record("real+synthetic", kind, n, float(ratio), seed, patients, len(real), n_synth, scores, secs)
-                if need_synth_only:
-                    synth = synthetic_set(kind, models[kind], len(real), seed + 1000,
-                                          out / "synthetic" / f"{kind}_{tag}_only.npz", device)
-                    scores, secs = segment(f"{kind}_only_{tag}", synth, seed)
-                    record("synthetic", kind, n, None, seed, patients, 0, len(synth), scores, secs)
-                if need_latent:
-                    t0 = time.perf_counter()
-                    seg = vae.train_latent_segmenter(models[kind], real.images.astype(np.float32), real.masks,
-                                                     epochs=train_cfg.epochs, device=device, seed=seed, progress=False)
-                    pred = vae.predict_latent_segmenter(seg, test.images)
-                    probs = torch.nn.functional.one_hot(torch.from_numpy(pred).long(), run.task.num_classes)
-                    scores = score_slices(probs.permute(0, 3, 1, 2).float(), test, truths, run.labels)
-                    record("latent", "vae", n, None, seed, patients, len(real), 0, scores, time.perf_counter() - t0)
+    cells = [(n, seed) for n in n_real for seed in seeds]
+    for n, seed in tqdm(cells, desc="study cells (n_real, seed)", disable=not progress):
+        patients = real_subset(run, n, seed)
+        real = train.subset(np.flatnonzero(np.isin(train.case_ids, patients)))
+        tag = f"n{n}_s{seed}"
+        if ("real", None, n, 0.0, seed) not in done:
+            scores, secs = segment(f"real_{tag}", real, seed)
+            record("real", None, n, 0.0, seed, patients, len(real), 0, scores, secs)
+        models = {}
+        for kind, gcfg in generator_cfgs.items():
+            wanted = [r for r in ratios if ("real+synthetic", kind, n, float(r), seed) not in done]
+            need_synth_only = synthetic_only and ("synthetic", kind, n, None, seed) not in done
+            need_latent = latent_baseline and kind == "vae" and ("latent", "vae", n, None, seed) not in done
+            if not (wanted or need_synth_only or need_latent):
+                continue
+            models[kind] = train_generator(kind, real, replace(gcfg, seed=seed), out / "generators" / f"{kind}_{tag}",
+                                           device)
+            for ratio in wanted:
+                n_synth = max(1, int(round(ratio * len(real))))
+                synth = synthetic_set(kind, models[kind], n_synth, seed,
+                                      out / "synthetic" / f"{kind}_{tag}_r{ratio:g}.npz", device)
+                scores, secs = segment(f"{kind}_r{ratio:g}_{tag}", concat(real, synth), seed)
+                record("real+synthetic", kind, n, float(ratio), seed, patients, len(real), n_synth, scores, secs)
+            if need_synth_only:
+                synth = synthetic_set(kind, models[kind], len(real), seed + 1000,
+                                      out / "synthetic" / f"{kind}_{tag}_only.npz", device)
+                scores, secs = segment(f"{kind}_only_{tag}", synth, seed)
+                record("synthetic", kind, n, None, seed, patients, 0, len(synth), scores, secs)
+            if need_latent:
+                t0 = time.perf_counter()
+                seg = vae.train_latent_segmenter(models[kind], real.images.astype(np.float32), real.masks,
+                                                 epochs=train_cfg.epochs, device=device, seed=seed, progress=False)
+                pred = vae.predict_latent_segmenter(seg, test.images)
+                probs = torch.nn.functional.one_hot(torch.from_numpy(pred).long(), run.task.num_classes)
+                scores = score_slices(probs.permute(0, 3, 1, 2).float(), test, truths, run.labels)
+                record("latent", "vae", n, None, seed, patients, len(real), 0, scores, time.perf_counter() - t0)
+        if not keep_checkpoints:
+            for folder in ("seg", "generators", "synthetic"):
+                shutil.rmtree(out / folder, ignore_errors=True)
     return records
 
 

@@ -6,13 +6,17 @@ on-device augmentation, mixed precision (bf16 on GPUs and on CPUs with native bf
 channels-last memory layout,
 validation every epoch on per-patient 3D Dice, best-checkpoint keeping, early
 stopping, a time budget, and resume from ``last.pt`` after an interruption.
+
+Run folders stay lean: ``last.pt`` (weights, optimiser, RNG states) exists only while a
+run is unfinished. A finished run leaves ``fit.json`` (how it ended), ``history.json`` and
+``best.pt`` (or no checkpoint at all with ``keep="none"``), and a re-run reuses it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lib.atomic import write_json
+from lib.atomic import read_json, write_json
 from lib.augment import AugmentConfig, augment_batch
 from lib.checkpoint import check_compatible, read_checkpoint, save_checkpoint
 from lib.env import autocast, get_device, grad_scaler, seed_everything
@@ -74,7 +78,7 @@ class TrainConfig:
 class FitResult:
     """What :func:`fit` returns: the best model, its history and timings."""
 
-    model: nn.Module
+    model: nn.Module | None  # None for a finished run that kept no checkpoint
     history: list[dict[str, Any]]
     best_epoch: int
     best_val_dice: float
@@ -154,29 +158,37 @@ def fit(
     out_dir: str | Path,
     data: dict[str, Any],
     *,
+    keep: str = "best",
     progress: bool = True,
 ) -> FitResult:
-    """Train (or resume training of) a model; keep ``best.pt`` and ``last.pt`` in ``out_dir``.
+    """Train (or resume, or reuse a finished run of) a model in ``out_dir``.
 
     Args:
         train, val: training and validation slices (different patients).
         model_cfg: architecture; checked against ``data["image_size"]``.
         cfg: hyperparameters.
         out_dir: run folder of this model; holds checkpoints and history.
-        data: data settings stored with the checkpoints (image_size, labels, ...).
+        data: data settings stored with the checkpoints (image_size, labels, split...).
+        keep: "best" keeps ``best.pt`` when training ends; "none" keeps only the record
+            (``fit.json``, ``history.json``), for trials whose model is not used again.
 
     Raises:
         FloatingPointError: the loss became NaN/inf; ``last.pt`` still holds the last
             finished epoch.
-        ValueError: ``out_dir`` holds a checkpoint of another model or data setting.
+        ValueError: ``out_dir`` holds a run of another model or data setting (split included).
     """
+    if keep not in ("best", "none"):
+        raise ValueError(f"keep={keep!r}: use 'best' or 'none'")
     if len(val) == 0:
         raise ValueError("validation set is empty: the split needs at least one val patient")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    last, done = out_dir / "last.pt", out_dir / "fit.json"
+    if done.is_file() and not last.exists():
+        return _finished(done, model_cfg, data)
     seed_everything(cfg.seed)
-    run = _Trainer(model_cfg, cfg, data, steps_per_epoch=max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size)))
-    last = out_dir / "last.pt"
+    run = _Trainer(model_cfg, cfg, data, steps_per_epoch=max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size)),
+                   pretrained=not last.exists())
     if last.exists():
         run.restore(last)
     train_x = torch.from_numpy(train.images).to(run.device)
@@ -200,18 +212,43 @@ def fit(
             stopped = "time budget"
         elif cfg.patience and run.epoch - run.best_epoch >= cfg.patience:
             stopped = "early stopping"
-    run.model.load_state_dict(read_checkpoint(out_dir / "best.pt")["state_dict"])
+    best = out_dir / "best.pt"
+    run.model.load_state_dict(read_checkpoint(best)["state_dict"])
     run.model.eval()
+    write_json(done, {"stopped": stopped, "best_epoch": run.best_epoch, "best_val_dice": run.best_dice,
+                      "train_seconds": run.spent, "epochs": run.epoch, "model_config": model_cfg.to_dict(),
+                      "data": data})
+    last.unlink(missing_ok=True)
+    if keep == "none":
+        best.unlink(missing_ok=True)
     return FitResult(run.model, run.history, run.best_epoch, run.best_dice, stopped, run.spent, out_dir)
+
+
+def _finished(done: Path, model_cfg: ModelConfig, data: dict[str, Any]) -> FitResult:
+    """The result of a run that already finished in ``done.parent`` (same model and data)."""
+    record = read_json(done)
+    check_compatible(record, {"model_config": model_cfg.to_dict(), "data": data}, str(done))
+    out_dir = done.parent
+    model = None
+    if (out_dir / "best.pt").is_file():
+        model = build_model(replace(model_cfg, encoder_weights=None), data["image_size"])
+        model.load_state_dict(read_checkpoint(out_dir / "best.pt")["state_dict"])
+        model = model.to(memory_format=torch.channels_last).eval()
+    print(f"{out_dir} already finished (stopped by {record['stopped']}): reused; delete the folder to train again")
+    return FitResult(model, read_json(out_dir / "history.json"), record["best_epoch"], record["best_val_dice"],
+                     record["stopped"], record["train_seconds"], out_dir)
 
 
 class _Trainer:
     """The mutable state of one training run: model, optimiser, schedule, RNGs, history."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: dict[str, Any], steps_per_epoch: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: dict[str, Any], steps_per_epoch: int,
+                 pretrained: bool = True) -> None:
         self.model_cfg, self.cfg, self.data, self.steps = model_cfg, cfg, data, steps_per_epoch
         self.device = get_device(cfg.device)
-        self.model = build_model(model_cfg, data["image_size"]).to(self.device)
+        # A resumed run loads its weights from last.pt: no pretrained download needed.
+        built = model_cfg if pretrained else replace(model_cfg, encoder_weights=None)
+        self.model = build_model(built, data["image_size"]).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,63 +1,118 @@
-"""The committed notebooks: generated from tools/build_notebooks.py, thin, and runnable by papermill.
+"""The committed notebooks are the source users edit: thin, consistent and runnable by papermill.
 
 nbval (``--nbval-lax``, configured in pyproject.toml) executes every notebook in
-notebooks/ after these tests; here we check their structure and one papermill run
-with injected parameters.
+notebooks/ after these tests; here we check their structure, that the three model
+notebooks share their code, the Colab cell, and one papermill run with injected parameters.
 """
 
+import ast
 import json
+import sys
+import types
 
 import nbformat
 import papermill as pm
 import pytest
 
 from lib.paths import PROJECT_ROOT
-from tools.build_notebooks import NOTEBOOKS, build
 
 NB_DIR = PROJECT_ROOT / "notebooks"
+NOTEBOOKS = sorted(p.stem for p in NB_DIR.glob("*.ipynb"))
+MODEL_NOTEBOOKS = ["02_pspnet", "03_fpn", "04_unet"]
 SHARED_NAMES = ["data", "run_dir", "split_file", "image_size", "seed"]
 
 
-def code_cells(name):
-    nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
-    return [c for c in nb.cells if c.cell_type == "code"]
+def cells(name, kind=None, folder=None):
+    nb = nbformat.read((folder or NB_DIR) / f"{name}.ipynb", as_version=4)
+    return [c for c in nb.cells if kind is None or c.cell_type == kind]
 
 
-def test_committed_notebooks_match_the_builder(tmp_path, monkeypatch):
-    monkeypatch.setattr("tools.build_notebooks.NB_DIR", tmp_path)
-    for path in build():
-        fresh = nbformat.read(path, as_version=4)
-        committed = nbformat.read(NB_DIR / path.name, as_version=4)
-        assert [c.source for c in fresh.cells] == [c.source for c in committed.cells], (
-            f"{path.name} is stale: run `python tools/build_notebooks.py`"
-        )
+def is_parameters(cell) -> bool:
+    return "parameters" in cell.metadata.get("tags", [])
 
 
-@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def assigned_names(source: str) -> list[str]:
+    return [t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets]
+
+
+def model_notebook_drift(names: list[str], folder=None) -> list[str]:
+    """Where the model notebooks differ in anything but parameter values and prose."""
+    ref, problems = names[0], []
+    ref_cells = cells(ref, folder=folder)
+    for other in names[1:]:
+        other_cells = cells(other, folder=folder)
+        if [c.cell_type for c in ref_cells] != [c.cell_type for c in other_cells]:
+            problems.append(f"{other} has other cells than {ref} (cell types "
+                            f"{[c.cell_type[0] for c in other_cells]} vs {[c.cell_type[0] for c in ref_cells]})")
+            continue
+        for i, (a, b) in enumerate(zip(ref_cells, other_cells)):
+            if a.cell_type != "code":
+                continue
+            if is_parameters(a) != is_parameters(b):
+                problems.append(f"cell {i}: tagged `parameters` in only one of {ref} and {other}")
+            elif is_parameters(a):
+                if assigned_names(a.source) != assigned_names(b.source):
+                    problems.append(f"cell {i} (parameters): {other} sets {assigned_names(b.source)}, "
+                                    f"{ref} sets {assigned_names(a.source)}")
+            elif a.source != b.source:
+                problems.append(f"cell {i} ({a.source.splitlines()[0][:60]!r}) differs between {ref} and {other}")
+    return problems
+
+
+def test_model_notebooks_differ_only_in_parameters_and_prose():
+    problems = model_notebook_drift(MODEL_NOTEBOOKS)
+    assert not problems, "notebooks 02-04 must share their code cells:\n" + "\n".join(problems)
+
+
+def test_drift_is_reported_with_the_cell(tmp_path):
+    for name in ("02_pspnet", "03_fpn"):
+        nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+        if name == "03_fpn":
+            code = [c for c in nb.cells if c.cell_type == "code" and not is_parameters(c)]
+            code[3].source += "\nprint('edited')"
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    problems = model_notebook_drift(["02_pspnet", "03_fpn"], folder=tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("cell ") and "differs between 02_pspnet and 03_fpn" in problems[0]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_parameters_cell_shares_names(name):
-    params = [c for c in code_cells(name) if "parameters" in c.metadata.get("tags", [])]
+    params = [c for c in cells(name, "code") if is_parameters(c)]
     assert len(params) == 1
     for var in SHARED_NAMES:
-        assert f"\n{var} = " in "\n" + params[0].source
+        assert var in assigned_names(params[0].source)
 
 
-def test_model_notebooks_differ_only_in_parameters():
-    def body(name):
-        return [c.source for c in code_cells(name) if "parameters" not in c.metadata.get("tags", [])]
-
-    assert body("02_pspnet") == body("03_fpn")
-    assert body("04_unet")[: len(body("02_pspnet")) - 1] != []  # 04 extends the same template
-    template = set(body("02_pspnet"))
-    assert template <= set(body("04_unet"))
-
-
-@pytest.mark.parametrize("name", list(NOTEBOOKS))
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_stay_thin(name):
-    for cell in code_cells(name):
-        if "Colab setup" in cell.source or "parameters" in cell.metadata.get("tags", []):
+    for cell in cells(name, "code"):
+        if "Colab setup" in cell.source or is_parameters(cell):
             continue
         assert len(cell.source.splitlines()) <= 25, cell.source[:80]
         assert "def " not in cell.source and "class " not in cell.source
+
+
+def colab_cell(name: str) -> str:
+    return next(c.source for c in cells(name, "code") if "Colab setup" in c.source)
+
+
+def test_colab_cell_is_the_same_everywhere_and_plain_python():
+    sources = {colab_cell(name) for name in NOTEBOOKS}
+    assert len(sources) == 1
+    ast.parse(sources.pop())  # no IPython-only syntax: the same code runs anywhere
+
+
+def test_colab_cell_explains_a_missing_or_failing_repository(monkeypatch, tmp_path):
+    source = colab_cell("01_data_analysis").replace("/content/msd-synth-seg", str(tmp_path / "clone"))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.delenv("MSDSEG_REPO_URL", raising=False)
+    with pytest.raises(RuntimeError, match="set REPO_URL"):
+        exec(source, {})
+    monkeypatch.setenv("MSDSEG_REPO_URL", str(tmp_path / "no-such-repo"))
+    with pytest.raises(RuntimeError, match="git clone .*no-such-repo failed"):
+        exec(source, {})
+    del sys.modules["google.colab"]
+    exec(source, {})  # outside Colab: does nothing
 
 
 def test_papermill_run_with_injected_parameters(tmp_path):

@@ -2,6 +2,9 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
+import segmentation_models_pytorch as smp
+import torch
 
 from lib import segment
 from lib.pipeline import prepare_run
@@ -53,3 +56,73 @@ def test_recommendation_prefers_a_cheaper_model_only_when_it_is_cheaper():
     text = segment.recommend(cheaper)
     assert text.startswith("Recommendation: pspnet (") and "45% of its time" in text
     assert segment.recommend(cheaper, tolerance=0.001).startswith("Recommendation: unet (")
+
+
+def small_run(tmp_path, **kw):
+    return prepare_run(str(make_task(tmp_path / "Task99_Test", 5, shape=(40, 40, 10))), tmp_path / "run",
+                       image_size=32, progress=False, **kw)
+
+
+def small_cfg(run):
+    return segment.model_config(run, "unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
+
+
+CFG = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
+
+
+def test_context_model_reloads_for_single_slices(tmp_path):
+    """Notebook 05 reloads the U-Net of notebook 04 for 2D synthetic slices, also when it was 2.5D."""
+    segment.train_model(small_run(tmp_path, context=1), "unet", small_cfg(small_run(tmp_path, context=1)), CFG,
+                        progress=False)
+    run2d = small_run(tmp_path)  # context 0, as in notebook 05
+    model, meta = segment.reload_model(run2d, "unet", single_slice=True)
+    single = run2d.slices("val").images[:4]
+    probs = segment.predict_masks_fn(model)(single)
+    assert probs.shape == (4, 32, 32) and meta["data"]["context_slices"] == 1
+    assert model.encoder(torch.from_numpy(single).float())[-1].shape[0] == 4
+    with pytest.raises(ValueError, match="context_slices"):
+        segment.reload_model(run2d, "unet")  # without single_slice the mismatch is explained
+
+
+def test_imagenet_checkpoint_reloads_offline(tmp_path, monkeypatch):
+    run = small_run(tmp_path)
+    segment.train_model(run, "unet", small_cfg(run), CFG, progress=False)
+    state = torch.load(run.run_dir / "unet" / "best.pt", weights_only=False)
+    state["model_config"]["encoder_weights"] = "imagenet"  # as trained on Colab with pretrained weights
+    torch.save(state, run.run_dir / "unet" / "best.pt")
+    real_create = smp.create_model
+
+    def offline(*args, **kwargs):
+        if kwargs.get("encoder_weights"):
+            raise ConnectionError("no network")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(smp, "create_model", offline)
+    model, meta = segment.reload_model(run, "unet")
+    assert meta["model_config"]["encoder_weights"] == "imagenet"
+    assert all(torch.equal(v, state["state_dict"][k]) for k, v in model.state_dict().items())
+
+
+def test_new_split_in_the_same_run_folder_refuses_old_checkpoints(tmp_path):
+    run = small_run(tmp_path, seed=0)
+    segment.train_model(run, "unet", small_cfg(run), CFG, progress=False)
+    moved = small_run(tmp_path, seed=3)  # another seed overwrites split.json
+    assert moved.split["test"] != run.split["test"]
+    with pytest.raises(ValueError, match="another patient split"):
+        segment.reload_model(moved, "unet")
+    with pytest.raises(ValueError, match="another patient split"):
+        segment.train_model(moved, "unet", small_cfg(moved), CFG, progress=False)
+
+
+def test_trials_and_variants_keep_metrics_not_checkpoints_and_show_progress(tmp_path, capsys):
+    run = small_run(tmp_path)
+    table = segment.choose_learning_rate(run, small_cfg(run), CFG, [1e-3, 3e-3], epochs=1)
+    assert list(table.index) == [1e-3, 3e-3] and table["val_dice"].notna().all()
+    variants = segment.architecture_study(run, "unet", small_cfg(run), CFG,
+                                          {"narrow": {"decoder": {"decoder_channels": [16, 8, 4]}}})
+    assert list(variants.index) == ["unet_narrow"]  # the main model has no metrics yet
+    err = capsys.readouterr().err
+    assert "learning-rate trials" in err and "architecture variants" in err
+    assert not list(run.run_dir.glob("hp/**/*.pt")) and not list((run.run_dir / "unet_narrow").glob("*.pt"))
+    assert (run.run_dir / "unet_narrow" / "metrics.json").is_file()
+    assert segment.choose_learning_rate(run, small_cfg(run), CFG, [], epochs=1).empty

@@ -74,26 +74,44 @@ def test_interrupted_run_resumes_exactly(sets, tmp_path, monkeypatch):
     resumed = fit(train, val, small_model(), run_cfg, tmp_path / "b", DATA, progress=False)
     assert len(resumed.history) == 3
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in straight.history])
-    last_a, last_b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "b" / "last.pt")
-    for k in last_a["state_dict"]:
-        assert torch.allclose(last_a["state_dict"][k].float(), last_b["state_dict"][k].float(), atol=1e-5), k
+    best_a, best_b = read_checkpoint(tmp_path / "a" / "best.pt"), read_checkpoint(tmp_path / "b" / "best.pt")
+    for k in best_a["state_dict"]:
+        assert torch.allclose(best_a["state_dict"][k].float(), best_b["state_dict"][k].float(), atol=1e-5), k
+    for run in ("a", "b"):  # a finished run keeps best.pt and its record, not last.pt
+        assert not (tmp_path / run / "last.pt").exists() and (tmp_path / run / "fit.json").is_file()
+
+
+def test_finished_run_is_reused_and_keep_none_leaves_no_checkpoint(sets, tmp_path):
+    train, val, _ = sets
+    first = fit(train, val, small_model(), cfg(epochs=1), tmp_path / "a", DATA, progress=False)
+    again = fit(train, val, small_model(), cfg(epochs=1), tmp_path / "a", DATA, progress=False)
+    assert again.history == first.history and again.best_val_dice == first.best_val_dice
+    x = torch.from_numpy(val.images[:4]).float()
+    assert torch.allclose(first.model(x), again.model(x), atol=1e-5)
+    trial = fit(train, val, small_model(), cfg(epochs=1), tmp_path / "b", DATA, keep="none", progress=False)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["fit.json", "history.json"]
+    reused = fit(train, val, small_model(), cfg(epochs=1), tmp_path / "b", DATA, keep="none", progress=False)
+    assert reused.model is None and reused.best_val_dice == trial.best_val_dice
+    with pytest.raises(ValueError, match="image_size"):
+        fit(train, val, small_model(), cfg(epochs=1), tmp_path / "b", DATA | {"image_size": 64}, progress=False)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sets, tmp_path, monkeypatch):
     train, val, _ = sets
-    fit(train, val, small_model(), cfg(epochs=1), tmp_path, DATA, progress=False)
-    good = read_checkpoint(tmp_path / "last.pt")
+    real_loss = train_mod.loss_fn(2)
+    calls = {"n": 0, "epoch_1": int(np.ceil(len(train) / 8)) + 1}  # epoch 1's steps and its validation
 
-    class NanLoss(torch.nn.Module):
+    class NanAfterEpoch1(torch.nn.Module):
         def forward(self, logits, target):
-            return logits.sum() * float("nan")
+            calls["n"] += 1
+            return real_loss(logits, target) * (1.0 if calls["n"] <= calls["epoch_1"] else float("nan"))
 
-    monkeypatch.setattr(train_mod, "loss_fn", lambda num_classes: NanLoss())
+    monkeypatch.setattr(train_mod, "loss_fn", lambda num_classes: NanAfterEpoch1())
     with pytest.raises(FloatingPointError, match="epoch 2"):
         fit(train, val, small_model(), cfg(epochs=2), tmp_path, DATA, progress=False)
     kept = read_checkpoint(tmp_path / "last.pt")
-    assert kept["epoch"] == 1
-    assert all(torch.equal(good["state_dict"][k], kept["state_dict"][k]) for k in good["state_dict"])
+    assert kept["epoch"] == 1 and (tmp_path / "best.pt").is_file() and not (tmp_path / "fit.json").exists()
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
 def test_checkpoint_of_other_architecture_or_data_is_refused(sets, tmp_path):
@@ -101,6 +119,9 @@ def test_checkpoint_of_other_architecture_or_data_is_refused(sets, tmp_path):
     fit(train, val, small_model(), cfg(epochs=1), tmp_path, DATA, progress=False)
     with pytest.raises(ValueError, match="arch"):
         fit(train, val, ModelConfig(arch="fpn", encoder_depth=3), cfg(epochs=2), tmp_path, DATA, progress=False)
+    split = {"train": ["p00"], "val": ["p03"], "test": ["p04"]}
+    with pytest.raises(ValueError, match="another patient split .*may have seen this run's test patients"):
+        load_model(tmp_path / "best.pt", expected={"data": {"split": split}})
     with pytest.raises(ValueError, match="image_size"):
         load_model(tmp_path / "best.pt", expected={"data": {"image_size": 64}})
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
