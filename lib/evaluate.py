@@ -32,6 +32,10 @@ def _variant(tta: bool, lcc: bool) -> str:
     return {v: k for k, v in VARIANTS.items()}[(tta, lcc)]
 
 
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
 def evaluate(
     model: nn.Module,
     test: SliceSet,
@@ -54,7 +58,9 @@ def evaluate(
         extra: added to metrics.json (e.g. training time, parameters).
 
     Returns:
-        The metrics.json content: {"cases": {id: {...}}, "mean": {...}, ...}.
+        The metrics.json content: {"cases": {id: {...}}, "mean": {...}, ...}. Each case's
+        ``per_slice_dice`` is the mean over ``labels`` on each axial slice; with several
+        labels, ``per_slice_dice_by_class`` holds each label's: {str(label): [...]}.
     """
     out_dir = Path(out_dir)
     chosen = _variant(tta, largest_component)
@@ -84,11 +90,16 @@ def evaluate(
         slice_pred = probs[tta].argmax(1).numpy()
         cases[cid].update(
             dice_train_res=float(np.nanmean([dice(slice_pred, sl.masks, k) for k in labels])),
-            per_slice_dice=[None if np.isnan(d) else float(d) for d in per_slice_dice(pred_volume, truth)],
+            per_slice_dice=_json_floats(per_slice_dice(pred_volume, truth, label=labels)),
             inference_seconds=tta_seconds if tta else plain_seconds,
             spacing=list(meta.spacing),
             shape=list(meta.shape),
         )
+        if len(labels) > 1:
+            cases[cid]["per_slice_dice_by_class"] = {
+                str(lab): _json_floats(per_slice_dice(pred_volume, truth, label=lab))
+                for lab in labels
+            }
         save_prediction(pred_volume, meta, out_dir / "predictions" / f"{cid}.nii.gz")
     summary = summarise(cases)
     mean = summary["mean"] | {
@@ -112,11 +123,18 @@ def evaluate(
 
 
 def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
-    """One row per test patient plus a mean row."""
+    """One row per test patient, a mean row and an ``n_inf`` row.
+
+    As in :func:`lib.metrics.summarise`, the mean leaves out infinite values (an HD95 with a
+    missed or spurious structure); ``n_inf`` counts them per column.
+    """
     keys = ["dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "dice_train_res", "inference_seconds"]
     rows = {cid: {k: c.get(k) for k in keys} for cid, c in result["cases"].items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table.loc["mean"] = table.mean(numeric_only=True)
+    numeric = table.select_dtypes("number")
+    infinite = np.isinf(numeric)
+    table.loc["mean"] = numeric.mask(infinite).mean()
+    table.loc["n_inf"] = infinite.sum()
     return table
 
 

@@ -154,8 +154,16 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float], label: int = 1) -> flo
     return np.count_nonzero(mask == label) * float(np.prod(spacing)) / 1000.0
 
 
+def _foreground(labels: Sequence[int]) -> list[int]:
+    """``labels`` without background (0); raises if none is left."""
+    fg = [int(lab) for lab in labels if int(lab) != 0]
+    if not fg:
+        raise ValueError("labels must contain at least one foreground label")
+    return fg
+
+
 def per_slice_dice(
-    pred: np.ndarray, truth: np.ndarray, axis: int = -1, label: int = 1
+    pred: np.ndarray, truth: np.ndarray, axis: int = -1, label: int | Sequence[int] = 1
 ) -> np.ndarray:
     """Dice of class ``label`` on each 2D slice along ``axis``.
 
@@ -163,19 +171,26 @@ def per_slice_dice(
         pred: predicted label volume, shape (D0, D1, D2).
         truth: reference label volume, same shape as ``pred``.
         axis: slicing axis.
-        label: class to score.
+        label: class to score, or several classes (0, background, is skipped): then each
+            slice gets the mean Dice over the classes present in its prediction or reference.
 
     Returns:
-        Float array of shape (pred.shape[axis],); NaN for slices where both masks are empty.
+        Float array of shape (pred.shape[axis],); NaN for slices where both masks are empty
+        (for every class scored).
     """
-    p, t = _masks(pred, truth, label)
-    p, t = np.moveaxis(p, axis, -1), np.moveaxis(t, axis, -1)
-    other = tuple(range(p.ndim - 1))
+    labels = [label] if np.isscalar(label) else _foreground(label)
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    _check_shapes(pred, truth)
+    # masks of shape (labels, ..., slices)
+    classes = np.reshape(labels, (-1,) + (1,) * pred.ndim)
+    p, t = np.moveaxis(pred, axis, -1) == classes, np.moveaxis(truth, axis, -1) == classes
+    other = tuple(range(1, p.ndim - 1))
     inter = np.count_nonzero(p & t, axis=other)
     denom = np.count_nonzero(p, axis=other) + np.count_nonzero(t, axis=other)
-    out = np.full(denom.shape, np.nan)
-    nonempty = denom > 0
-    out[nonempty] = 2.0 * inter[nonempty] / denom[nonempty]
+    n_scored = np.count_nonzero(denom, axis=0)
+    out = np.full(n_scored.shape, np.nan)
+    nonempty = n_scored > 0
+    out[nonempty] = (2.0 * inter / np.maximum(denom, 1)).sum(0)[nonempty] / n_scored[nonempty]
     return out
 
 
@@ -203,9 +218,7 @@ def score_case(
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     _check_shapes(pred, truth)
-    fg = [int(lab) for lab in labels if int(lab) != 0]
-    if not fg:
-        raise ValueError("labels must contain at least one foreground label")
+    fg = _foreground(labels)
     per_label = {
         str(lab): {
             "dice": dice(pred, truth, lab),

@@ -125,9 +125,11 @@ def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | Non
     sl = run.slices("test").patient(case_id)
     pred = predict_probs(model, sl.images, device=device).argmax(1).numpy()
     images = sl.centre_images()
-    fig = patient_grid(images, sl.masks, pred, title=f"{name} on test patient {case_id}", slice_index=sl.slice_index)
+    classes = {k: v for k, v in run.task.labels.items() if k != 0}
+    fig = patient_grid(images, sl.masks, pred, title=f"{name} on test patient {case_id}", slice_index=sl.slice_index,
+                       class_names=classes)
     save_figure(fig, run.run_dir / name / f"patient_{case_id}.png")
-    gif = patient_gif(images, sl.masks, pred, run.run_dir / name / f"patient_{case_id}.gif")
+    gif = patient_gif(images, sl.masks, pred, run.run_dir / name / f"patient_{case_id}.gif", class_names=classes)
     return fig, gif, case_id
 
 

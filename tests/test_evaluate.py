@@ -1,4 +1,5 @@
 import json
+import math
 
 import imageio.v3 as iio
 import nibabel as nib
@@ -8,6 +9,7 @@ import torch
 
 from lib.evaluate import evaluate, metrics_table, postprocessing_table
 from lib.inference import probs_to_volume
+from lib.metrics import summarise
 from lib.models import ModelConfig, build_model
 from lib.msd import read_task
 from lib.slices import SliceConfig, build_cache, load_slices
@@ -23,11 +25,23 @@ def test_set(tmp_path_factory):
     return load_slices(cache, ["p00", "p01"])
 
 
-class Oracle(torch.nn.Module):
-    """Predicts the true mask of each slice (looked up by its sorted values, so flips find it too)."""
+@pytest.fixture(scope="module")
+def test_set_3class(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval3")
+    task = read_task(make_task(root / "t", 2, shape=(40, 36, 8), classes=3))
+    cache = build_cache(task, root / "cache", SliceConfig(image_size=32), workers=1, progress=False)
+    return load_slices(cache, ["p00", "p01"])
 
-    def __init__(self, images, masks):
+
+class Oracle(torch.nn.Module):
+    """Predicts ``masks`` for their slices (looked up by sorted values, so flips find them too).
+
+    Outputs one-hot logits over ``classes`` classes.
+    """
+
+    def __init__(self, images, masks, classes=2):
         super().__init__()
+        self.classes = classes
         self.table = {self.key(img): (img, m) for img, m in zip(images.astype(np.float32), masks)}
 
     @staticmethod
@@ -42,7 +56,8 @@ class Oracle(torch.nn.Module):
                 if np.array_equal(np.flip(ref, flip) if flip else ref, img):
                     out.append(np.flip(mask, flip) if flip else mask)
                     break
-        return torch.from_numpy(np.stack(out)[:, None].astype(np.float32) * 20 - 10)
+        onehot = np.eye(self.classes, dtype=np.float32)[np.stack(out)]
+        return torch.from_numpy(np.moveaxis(onehot, -1, 1) * 20 - 10)
 
 
 def test_probs_to_volume_restores_original_geometry():
@@ -69,7 +84,40 @@ def test_evaluate_writes_scores_and_nifti(test_set, tmp_path):
     label = nib.load(test_set.cases["p00"].label_path)
     assert pred.shape == label.shape and np.allclose(pred.affine, label.affine)
     assert set(postprocessing_table(tmp_path).index) == {"plain", "lcc", "tta", "tta+lcc"}
-    assert list(metrics_table(result).index) == ["p00", "p01", "mean"]
+    assert list(metrics_table(result).index) == ["p00", "p01", "mean", "n_inf"]
+    assert "per_slice_dice_by_class" not in case
+
+
+def test_per_slice_dice_covers_every_class(test_set_3class, tmp_path):
+    # Predicts class 2 as class 1: class 1 stays partly right, class 2 is wrong everywhere.
+    s = test_set_3class
+    model = Oracle(s.images, np.minimum(s.masks, 1), classes=3)
+    result = evaluate(model, s, [1, 2], tmp_path, compare_postprocessing=False)
+    for case in result["cases"].values():
+        by_class = case["per_slice_dice_by_class"]
+        assert set(by_class) == {"1", "2"}
+        assert all(d in (None, 0.0) for d in by_class["2"]) and 0.0 in by_class["2"]
+        for z, mean in enumerate(case["per_slice_dice"]):
+            kept = [by_class[k][z] for k in ("1", "2") if by_class[k][z] is not None]
+            assert mean == (pytest.approx(np.mean(kept)) if kept else None)
+
+
+def test_metrics_table_mean_leaves_out_inf():
+    inf = math.inf
+    cases = {
+        "a": {"dice": 1.0, "iou": 1.0, "hd95": 2.0},
+        "b": {"dice": 0.0, "iou": 0.0, "hd95": inf},  # missed structure
+        "c": {"dice": 0.5, "iou": 1 / 3, "hd95": 4.0},
+    }
+    table = metrics_table({"cases": cases})
+    assert table.loc["mean", "hd95"] == pytest.approx(3.0)
+    assert table.loc["b", "hd95"] == inf
+    assert list(table.index) == ["a", "b", "c", "mean", "n_inf"]
+    assert table.loc["n_inf", "hd95"] == 1
+    summary = summarise(cases)
+    for key in ("dice", "iou", "hd95"):
+        assert table.loc["mean", key] == pytest.approx(summary["mean"][key])
+        assert table.loc["n_inf", key] == summary["n_inf"][key]
 
 
 def test_untrained_model_scores_low(test_set, tmp_path):

@@ -178,6 +178,28 @@ def test_per_slice_dice() -> None:
     np.testing.assert_allclose(per_slice_dice(pred, truth, axis=2), out)
 
 
+def test_per_slice_dice_mean_over_labels() -> None:
+    truth = np.zeros((4, 4, 4), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    # slice 0: every label empty in both -> NaN
+    truth[0:2, 0:2, 1:3] = 1  # slices 1, 2: label 1 right
+    pred[0:2, 0:2, 1:3] = 1
+    truth[2:4, 2:4, 1] = 2  # slice 1: label 2 wrong (predicted elsewhere) -> mean(1, 0)
+    pred[2:4, 0:2, 1] = 2
+    # slice 2: label 2 absent in both, ignored -> 1
+    truth[2:4, 2:4, 3] = 2  # slice 3: only label 2, 2 of 4 voxels found -> 2/3
+    pred[2:4, 2, 3] = 2
+    np.testing.assert_allclose(per_slice_dice(pred, truth, label=2), [np.nan, 0.0, np.nan, 2 / 3])
+    out = per_slice_dice(pred, truth, label=[1, 2])
+    np.testing.assert_allclose(out, [np.nan, 0.5, 1.0, 2 / 3])
+    np.testing.assert_array_equal(per_slice_dice(pred, truth, label=[0, 1, 2]), out)
+    np.testing.assert_array_equal(
+        per_slice_dice(pred, truth, label=[1]), per_slice_dice(pred, truth, label=1)
+    )
+    with pytest.raises(ValueError, match="foreground"):
+        per_slice_dice(pred, truth, label=[0])
+
+
 def test_dice_from_counts() -> None:
     assert dice_from_counts(10, 15, 25) == pytest.approx(0.5)
     assert math.isnan(dice_from_counts(0, 0, 0))
