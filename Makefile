@@ -35,7 +35,7 @@ test: venv
 
 ## Publish a run folder's executed notebooks, key figures and JSON results to results/<dataset>/.
 publish: venv
-	$(PY) tools/publish_results.py $(RUN)
+	$(PY) tools/publish_results.py $(RUN) $(if $(COMMAND),--command "$(COMMAND)")
 
 bench: venv
 	$(PY) bench/benchmark.py $(BENCH_ARGS)

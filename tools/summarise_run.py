@@ -11,22 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.atomic import read_json  # noqa: E402
+from lib.publish import markdown_table as markdown  # noqa: E402
 from lib.segment import comparison_table  # noqa: E402
 from lib.study import study_conclusions, study_table  # noqa: E402
-
-
-def markdown(df: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as a GitHub Markdown table (index included)."""
-    df = df.reset_index().rename(columns={"index": ""})
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
-    rows = [[fmt(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main(run_dirs: list[str]) -> None:

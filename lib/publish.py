@@ -1,0 +1,199 @@
+"""Publish a run folder for readers: ``results/<dataset>/`` with the executed notebooks, the
+key figures, the machine-readable results and an index page, small enough for GitHub.
+
+Only what a reader needs is copied: no checkpoints, caches or predictions. Every file is
+written atomically, so publishing into an existing folder updates it file by file and an
+interruption never leaves half a file. Images are downscaled until each file is at most
+``MAX_FILE_BYTES``; absolute paths of the machine that ran are made relative.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pandas as pd
+from PIL import Image
+
+from lib.atomic import read_json, write_text, write_with
+from lib.paths import PROJECT_ROOT
+
+RESULTS_ROOT = PROJECT_ROOT / "results"
+MAX_FILE_BYTES = 5 * 2**20  # GitHub renders notebooks and images of this size comfortably
+MAX_DATASET_BYTES = 25 * 2**20
+MAX_IMAGE_BYTES = 2**20  # one figure file, or one image inside a notebook
+FIGURES = ("data/*.png", "comparison.png", "*/curves.png", "*/patient_*.png", "*/patient_*.gif",
+           "generators/*.png", "study/*.png")
+RECORDS = ("split.json", "*/metrics.json", "*/postprocessing.json", "*/history.json", "*/fit.json",
+           "hp/*/fit.json", "hp/*/history.json", "generators/quality.json", "study/results.json",
+           "study/summary.json", "cross_validation.csv")
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a GitHub Markdown table (index included)."""
+    df = df.reset_index().rename(columns={"index": ""})
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [[fmt(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def relative_paths(text: str, root: Path = PROJECT_ROOT) -> str:
+    """Replace the absolute paths of the project and of ``../shared`` with relative ones."""
+    return text.replace(f"{root.parent}/shared/", "../shared/").replace(f"{root}/", "")
+
+
+def shrink_image(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """Downscale a PNG or (animated) GIF until it takes at most ``limit`` bytes.
+
+    GIFs also drop every other frame while they are more than twice too large.
+    """
+    scale = 1.0
+    while len(data) > limit:
+        image = Image.open(io.BytesIO(data))
+        scale *= max(0.5, min(0.9, math.sqrt(limit / len(data))))
+        data = _encode(image, scale, drop_frames=image.format == "GIF" and len(data) > 2 * limit)
+    return data
+
+
+def _encode(image: Image.Image, scale: float, drop_frames: bool) -> bytes:
+    out = io.BytesIO()
+    size = (max(16, round(image.width * scale)), max(16, round(image.height * scale)))
+    if image.format == "GIF":
+        frames, durations = [], []
+        for i in range(getattr(image, "n_frames", 1)):
+            image.seek(i)
+            if drop_frames and i % 2:
+                continue
+            frames.append(image.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+            durations.append(image.info.get("duration", 100) * (2 if drop_frames else 1))
+        frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    else:
+        image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB").resize(
+            size, Image.Resampling.LANCZOS).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def clean_notebook(path: Path, image_limit: int = MAX_IMAGE_BYTES) -> str:
+    """An executed notebook as JSON text: images shrunk, absolute paths made relative."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.source = relative_paths(cell.source)
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = relative_paths(output["text"])
+            for mime, value in output.get("data", {}).items():
+                if mime in ("image/png", "image/gif"):
+                    small = shrink_image(base64.b64decode(value), image_limit)
+                    output["data"][mime] = base64.b64encode(small).decode()
+                elif mime.startswith("text/"):
+                    output["data"][mime] = relative_paths(value if isinstance(value, str) else "".join(value))
+    params = nb.metadata.get("papermill", {}).get("parameters", {})
+    for key, value in params.items():
+        if isinstance(value, str):
+            params[key] = relative_paths(value)
+    for key in ("input_path", "output_path"):
+        if key in nb.metadata.get("papermill", {}):
+            nb.metadata.papermill[key] = relative_paths(str(nb.metadata.papermill[key]))
+    return nbformat.writes(nb)
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The parameters papermill injected into an executed notebook (paths made relative)."""
+    params = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("parameters", {})
+    return {k: relative_paths(v) if isinstance(v, str) else v for k, v in params.items()}
+
+
+def _matches(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
+    return sorted({p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()})
+
+
+def publish(run_dir: str | Path, dataset: str | None = None, results_root: str | Path = RESULTS_ROOT,
+            *, command: str | None = None) -> Path:
+    """Copy what a reader needs from ``run_dir`` to ``results_root/<dataset>/`` and write its index.
+
+    Args:
+        dataset: folder name (default: the task folder named in ``run_dir/run.json``).
+        command: the command that made the run, quoted in the index.
+
+    Returns:
+        The dataset's results folder.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run folder (no ``run.json``).
+        ValueError: a file or the whole folder is over the size limits after shrinking.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no run.json); run notebook 01 first")
+    dataset = dataset or read_json(run_dir / "run.json")["task"]
+    out = Path(results_root) / dataset
+    written: list[Path] = []
+    for nb in sorted((run_dir / "notebooks").glob("*.ipynb")):
+        written.append(write_text(out / "notebooks" / nb.name, clean_notebook(nb)))
+    for path in _matches(run_dir, FIGURES):
+        data = shrink_image(path.read_bytes())
+        written.append(write_with(out / path.relative_to(run_dir), lambda p, d=data: p.write_bytes(d)))
+    for path in _matches(run_dir, RECORDS):
+        written.append(write_text(out / path.relative_to(run_dir), relative_paths(path.read_text(encoding="utf-8"))))
+    written.append(write_text(out / "README.md", index_page(run_dir, out, dataset, command)))
+    _check_sizes(out, written)
+    return out
+
+
+def _check_sizes(out: Path, written: list[Path]) -> None:
+    big = [f"{p} ({p.stat().st_size / 2**20:.1f} MB)" for p in written if p.stat().st_size > MAX_FILE_BYTES]
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if big or total > MAX_DATASET_BYTES:
+        raise ValueError(f"{out}: over the size limits ({MAX_FILE_BYTES >> 20} MB a file, {MAX_DATASET_BYTES >> 20} MB "
+                         f"in all; now {total / 2**20:.1f} MB): {', '.join(big) or 'too many files'}")
+
+
+def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = None) -> str:
+    """The results folder's README.md: how it was made, headline tables, links to everything."""
+    from lib.segment import comparison_table  # the segmentation workflow is the reader here
+    from lib.study import study_conclusions, study_table
+
+    lines = [f"# Results: {dataset}", "",
+             f"Published by `python tools/publish_results.py {relative_paths(str(run_dir.resolve()))}` from a real run "
+             "folder. Checkpoints, caches and predictions stay in the run folder and are not published.", ""]
+    if command:
+        lines += ["The run was made by:", "", "```bash", relative_paths(command), "```", ""]
+    notebooks = sorted((out / "notebooks").glob("*.ipynb"))
+    if notebooks:
+        lines += ["## Executed notebooks", "", "| notebook | parameters given |", "|---|---|"]
+        for nb in notebooks:
+            params = notebook_parameters(run_dir / "notebooks" / nb.name)
+            shown = ", ".join(f"`{k}={v!r}`" for k, v in params.items())
+            lines.append(f"| [{nb.stem}](notebooks/{nb.name}) | {shown} |")
+        lines.append("")
+    table = comparison_table(run_dir)
+    if len(table):
+        lines += ["## Segmentation: test patients", "",
+                  "Mean per-patient 3D Dice and HD95 at the original resolution; validation Dice chose the "
+                  "checkpoint. Per-patient scores: `<model>/metrics.json`.", "", markdown_table(table), ""]
+        if (out / "comparison.png").is_file():
+            lines += ["![model comparison](comparison.png)", ""]
+    lines += _figure_links(out)
+    quality = run_dir / "generators" / "quality.json"
+    if quality.is_file():
+        lines += ["## Synthetic data quality", "", markdown_table(pd.DataFrame(read_json(quality)).T), ""]
+    study = run_dir / "study" / "results.json"
+    if study.is_file():
+        records = read_json(study)
+        lines += ["## Synthetic-data study", "", markdown_table(study_table(records)), "",
+                  markdown_table(study_conclusions(records), digits=2), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _figure_links(out: Path) -> list[str]:
+    figures = sorted(p.relative_to(out) for p in out.rglob("*") if p.suffix in (".png", ".gif")
+                     and p.parent.name != "notebooks" and p.name != "comparison.png")
+    if not figures:
+        return []
+    return ["## Figures", "", *[f"- [{p}]({p})" for p in figures], ""]

@@ -1,0 +1,91 @@
+import base64
+import io
+import json
+
+import imageio.v3 as iio
+import nbformat
+import numpy as np
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook, new_output
+from PIL import Image
+
+from lib import publish
+from lib.paths import PROJECT_ROOT
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def fake_run(root, png: bytes):
+    """A run folder as the notebooks leave it: notebooks, figures, records, checkpoints, cache."""
+    run = root / "run"
+    (run / "unet" / "predictions").mkdir(parents=True)
+    (run / "cache").mkdir()
+    (run / "notebooks").mkdir()
+    (run / "run.json").write_text(json.dumps({"task": "Task99_Test"}))
+    (run / "split.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": ["c"]}))
+    metrics = {"model_config": {"arch": "unet", "encoder_name": "resnet18"}, "mean": {"dice": 0.8, "hd95": 3.0,
+               "inference_seconds_per_volume": 0.1}, "std": {"dice": 0.1}, "best_val_dice": 0.82, "epochs_trained": 3,
+               "train_seconds": 60, "parameters": 1e6, "task_dir": f"{PROJECT_ROOT}/data/Task99_Test"}
+    (run / "unet" / "metrics.json").write_text(json.dumps(metrics))
+    (run / "unet" / "curves.png").write_bytes(png)
+    frames = np.random.default_rng(1).integers(0, 255, (40, 256, 256, 3), dtype=np.uint8)
+    iio.imwrite(run / "unet" / "patient_c.gif", frames, extension=".gif", duration=100, loop=0)
+    (run / "unet" / "best.pt").write_bytes(b"weights")
+    (run / "unet" / "predictions" / "c.nii.gz").write_bytes(b"nifti")
+    (run / "cache" / "a.npz").write_bytes(b"cache")
+    nb = new_notebook(cells=[new_code_cell(f"run_dir = '{PROJECT_ROOT}/runs/x'")])
+    nb.cells[0].outputs = [new_output("display_data", data={"image/png": base64.b64encode(png).decode()}),
+                           new_output("stream", name="stdout", text=f"saved to {PROJECT_ROOT}/runs/x/unet\n")]
+    nb.metadata["papermill"] = {"parameters": {"data": f"{PROJECT_ROOT.parent}/shared/data/Task99", "image_size": 32}}
+    nbformat.write(nb, run / "notebooks" / "04_unet.ipynb")
+    return run
+
+
+def test_shrink_image_meets_the_limit_and_keeps_gifs_animated():
+    png = noise_png(800)
+    small = publish.shrink_image(png, 200_000)
+    assert len(png) > 200_000 >= len(small) and Image.open(io.BytesIO(small)).format == "PNG"
+    out = io.BytesIO()
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (200, 200, 3), dtype=np.uint8)) for i in range(20)]
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    gif = publish.shrink_image(out.getvalue(), 150_000)
+    assert len(gif) <= 150_000 and Image.open(io.BytesIO(gif)).n_frames > 1
+    assert publish.shrink_image(b"tiny", 10) == b"tiny"  # small enough already: untouched
+
+
+def test_publish_copies_what_a_reader_needs_and_nothing_else(tmp_path):
+    run = fake_run(tmp_path, noise_png(1100))
+    out = publish.publish(run, results_root=tmp_path / "results", command=f"make run RUN={PROJECT_ROOT}/runs/x")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["README.md", "notebooks/04_unet.ipynb", "split.json", "unet/curves.png", "unet/metrics.json",
+                     "unet/patient_c.gif"]
+    assert all((out / f).stat().st_size <= publish.MAX_FILE_BYTES for f in files)
+    assert (out / "unet" / "curves.png").stat().st_size <= publish.MAX_IMAGE_BYTES
+    text = "".join((out / f).read_text() for f in ("README.md", "notebooks/04_unet.ipynb", "unet/metrics.json"))
+    assert str(PROJECT_ROOT) not in text and "../shared/data/Task99" in text
+    index = (out / "README.md").read_text()
+    assert "| unet |" in index and "[04_unet](notebooks/04_unet.ipynb)" in index and "make run RUN=runs/x" in index
+    for target in ("notebooks/04_unet.ipynb", "unet/curves.png", "unet/patient_c.gif"):
+        assert f"({target})" in index and (out / target).is_file()
+
+
+def test_publish_updates_an_existing_folder_file_by_file(tmp_path):
+    run = fake_run(tmp_path, noise_png(100))
+    out = publish.publish(run, results_root=tmp_path / "results")
+    (out / "study").mkdir()
+    (out / "study" / "results.json").write_text("[]")  # published by another command: kept
+    (run / "unet" / "metrics.json").write_text((run / "unet" / "metrics.json").read_text().replace("0.82", "0.9"))
+    publish.publish(run, results_root=tmp_path / "results")
+    assert json.loads((out / "unet" / "metrics.json").read_text())["best_val_dice"] == 0.9
+    assert (out / "study" / "results.json").is_file()
+    assert not [p for p in out.rglob(".*.tmp*")]
+
+
+def test_publish_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        publish.publish(tmp_path, results_root=tmp_path / "results")
