@@ -1,13 +1,11 @@
 import json
 
-import numpy as np
 import pytest
 
 from lib import study
 from lib.diffusion import DiffusionConfig
 from lib.models import ModelConfig
 from lib.pipeline import prepare_run
-from lib.slices import load_pairs
 from lib.train import TrainConfig
 from lib.vae import VAEConfig
 from tests.helpers import make_task
@@ -28,7 +26,7 @@ def configs():
             "diffusion": DiffusionConfig(**common, base_channels=8, sample_steps=4, timesteps=100)}
 
 
-def test_study_records_resume_and_tables(run, monkeypatch):
+def test_study_records_resume_and_tables(run, monkeypatch, capsys):
     model = ModelConfig(arch="unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
     train = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
     records = study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0])
@@ -40,9 +38,12 @@ def test_study_records_resume_and_tables(run, monkeypatch):
     for r in saved:
         assert set(r["per_patient_dice"]) == set(run.split["test"]) and 0 <= r["mean_dice"] <= 1
         assert {"generator", "n_real", "ratio", "seed", "mean_dice"} <= set(r)
-    synth = load_pairs(run.run_dir / "study" / "synthetic" / "vae_n1_s0_r1.npz")
     real_slices = next(r["n_real_slices"] for r in records if r["condition"] == "real")
-    assert len(synth) == real_slices and synth.images.dtype == np.float16
+    mix = next(r for r in records if r["condition"] == "real+synthetic" and r["generator"] == "vae")
+    assert mix["n_synthetic_slices"] == real_slices
+    assert "study cells" in capsys.readouterr().err  # a progress bar over the grid
+    kept = sorted(p.relative_to(run.run_dir / "study") for p in (run.run_dir / "study").rglob("*") if p.is_file())
+    assert [str(p) for p in kept] == ["results.json"]  # records only: no checkpoints, generators or samples
 
     monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0]) == records
