@@ -203,7 +203,7 @@ def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Pa
     }
     with atomic_path(out_path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, masks=masks, meta=np.array(json.dumps(meta)))
+            np.savez_compressed(fh, images=images, masks=masks, meta=np.array(json.dumps(meta)))
     return out_path
 
 
@@ -300,7 +300,7 @@ def save_pairs(path: str | Path, images: np.ndarray, masks: np.ndarray, meta: di
         raise ValueError(f"{path}: images {images.shape} and masks {masks.shape} do not pair up")
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, images=images.astype(np.float16), masks=masks.astype(np.uint8),
+            np.savez_compressed(fh, images=images.astype(np.float16), masks=masks.astype(np.uint8),
                      meta=np.array(json.dumps(meta or {})))
     return Path(path)
 
