@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.atomic import write_text
-from lib.paths import PROJECT_ROOT
+from lib.paths import PROJECT_ROOT, relative_paths
 
 HEADER = ("# Research diary\n\nDated entries, oldest first. Automatic entries are written by "
           "`lib.diary.append_entry` at the end of each notebook run.\n")
@@ -51,15 +51,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(format_value(v) for v in value) or "none"
     return str(value)
-
-
-def _relative(path: str | Path) -> str:
-    """A path relative to the project root when it lies inside it."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _pairs(values: Mapping[str, Any]) -> str:
@@ -93,10 +84,10 @@ def format_entry(
         f"- **Result**: {_pairs(results)}",
     ]
     if record is not None:
-        lines.append(f"- **Full record**: `{_relative(record)}` (run folder, not committed)")
+        lines.append(f"- **Full record**: `{Path(record).resolve()}` (run folder, not committed)")
     if notes:
         lines += ["", notes.strip()]
-    return "\n".join(lines) + "\n"
+    return relative_paths("\n".join(lines) + "\n")
 
 
 def append_entry(title: str, *, path: str | Path | None = None, **fields: Any) -> Path:

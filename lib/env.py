@@ -69,10 +69,14 @@ def git_sha() -> str:
 
 
 def hardware() -> str:
-    """The compute used, e.g. '1x NVIDIA H100 80GB HBM3' or '2 CPU cores (x86_64), 2 torch thread(s)'."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
+    """The compute used and its precision, e.g. '1x NVIDIA H100 80GB HBM3, bf16' or
+    '2 CPU cores (x86_64), 2 torch thread(s), fp32'."""
+    device = get_device()
+    precision = str(amp_dtype(device) or "fp32").removeprefix("torch.").replace("bfloat16", "bf16")
+    precision = precision.replace("float16", "fp16")
+    if device.type == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, {precision}"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s), {precision}"
 
 
 def env_report() -> dict[str, str]:

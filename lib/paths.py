@@ -32,3 +32,9 @@ def run_dir(path: str | Path | None = None) -> Path:
     out = project_path(path or os.environ.get("MSDSEG_RUN_DIR") or DEFAULT_RUN_DIR)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def relative_paths(text: str) -> str:
+    """``text`` with the absolute paths of the project (and of ``../shared`` beside it) made
+    relative, for what is published or written to the diary."""
+    return text.replace(f"{PROJECT_ROOT.parent}/shared/", "../shared/").replace(f"{PROJECT_ROOT}/", "")

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from lib.atomic import read_json, write_text, write_with
-from lib.paths import PROJECT_ROOT
+from lib.paths import PROJECT_ROOT, relative_paths
 
 RESULTS_ROOT = PROJECT_ROOT / "results"
 MAX_FILE_BYTES = 5 * 2**20  # GitHub renders notebooks and images of this size comfortably
@@ -41,11 +41,6 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     rows = [[fmt(v) for v in row] for row in df.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def relative_paths(text: str, root: Path = PROJECT_ROOT) -> str:
-    """Replace the absolute paths of the project and of ``../shared`` with relative ones."""
-    return text.replace(f"{root.parent}/shared/", "../shared/").replace(f"{root}/", "")
 
 
 def shrink_image(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:
