@@ -100,6 +100,38 @@ def check_pairs(images: np.ndarray, masks: np.ndarray, image_size: int, channels
         raise ValueError("images contain NaN or inf")
 
 
+class ImageScaling(nn.Module):
+    """Maps z-scored intensities onto [-1, 1] per channel (the training set's 0.5-99.5
+    percentile range), the range of a generator's ``tanh`` output, and back."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("lo", -torch.ones(channels))
+        self.register_buffer("hi", torch.ones(channels))
+
+    def fit(self, images: np.ndarray, max_pixels: int = 2_000_000, seed: int = 0) -> None:
+        """Set the clip range from (a subsample of) the training images (N, C, H, W)."""
+        flat = np.moveaxis(np.asarray(images, np.float32), 1, 0).reshape(images.shape[1], -1)
+        if flat.shape[1] > max_pixels:
+            flat = flat[:, np.random.default_rng(seed).choice(flat.shape[1], max_pixels, replace=False)]
+        lo, hi = np.percentile(flat, [0.5, 99.5], axis=1)
+        self.lo.copy_(torch.from_numpy(lo).float())
+        self.hi.copy_(torch.from_numpy(np.maximum(hi, lo + 1e-3)).float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo.view(1, -1, 1, 1), self.hi.view(1, -1, 1, 1)
+        return ((images - lo) / (hi - lo) * 2 - 1).clamp(-1, 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo.view(1, -1, 1, 1), self.hi.view(1, -1, 1, 1)
+        return (x.float() + 1) / 2 * (hi - lo) + lo
+
+
+def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, H, W) class ids -> (N, K, H, W) float one-hot maps."""
+    return torch.nn.functional.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
 @dataclass
 class Step:
     """What :meth:`Generative.train_step` gets besides the batch."""
