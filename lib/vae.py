@@ -1,4 +1,4 @@
-"""Paired image/mask variational autoencoder for synthetic 2D training data.
+"""Paired image/mask variational autoencoders for synthetic 2D training data: a VAE and a VAE-GAN.
 
 ``PairVAE`` models the joint distribution of an image slice and its label mask: the
 encoder sees the image channels concatenated with the one-hot mask, a dense bottleneck
@@ -11,18 +11,20 @@ Loss (per pixel, so the learning rate does not depend on the image size)::
 
 With ``beta = mask_weight = 1`` this is the negative ELBO divided by ``H * W``
 (Gaussian image likelihood with variance 1/2 in the scaled space, categorical mask).
-``beta_e`` ramps linearly from 0 to ``beta`` over ``kl_warmup_epochs``.
+``beta_e`` ramps linearly from 0 (first epoch) to ``beta`` over ``kl_warmup_epochs``.
 
-Images are z-scored per volume (roughly [-3, 4]). The model stores a per-channel
-clip range (0.5-99.5 percentiles of the training set) and maps it onto [-1, 1]; the
-image head ends in ``tanh`` and outputs are mapped back to z-score space.
+The pixel-wise likelihood makes VAE images blurry. ``PairVAEGAN`` is the same VAE with
+the fix of Larsen et al. (2016, "Autoencoding beyond pixels using a learned similarity
+metric"): a discriminator (MONAI's ``PatchDiscriminator``) judges real pairs against
+reconstructions and prior samples, and the VAE also learns to fool it and to match its
+intermediate features on real pairs (see :class:`PairVAEGAN`).
 
-Foreground oversampling: slices with foreground are drawn with replacement so that
-they make up ``foreground_fraction`` of each epoch (in expectation) whenever the data
-hold fewer. Otherwise the mask head can learn "always background" on heart data,
-where most slices have no left atrium. As a consequence, samples over-represent
-foreground slices relative to the data, which is what a synthetic-training-data
-pipeline wants; set ``foreground_fraction=None`` to model the data distribution as is.
+Images are z-scored per volume; :class:`lib.generative.ImageScaling` maps the training
+set's 0.5-99.5 percentile range onto [-1, 1] (the range of the ``tanh`` image head).
+Both models are trained by :func:`lib.generative.train_generator` (foreground
+oversampling, per-epoch seeding, resuming, time budget, NaN guard, checkpoint
+``<out_dir>/<KIND>.pt``); with the default ``foreground_fraction`` samples over-represent
+foreground slices relative to the data, which a synthetic-training-data pipeline wants.
 
 The latent segmentation baseline (``train_latent_segmenter``) is described there.
 """
@@ -36,24 +38,29 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
 from torch import nn
 from tqdm.auto import tqdm
 
-from lib.atomic import atomic_path
 from lib.env import autocast, grad_scaler
-from lib.generative import config_from_dict, epoch_indices, read_checkpoint
-
-CHECKPOINT_KIND = "pair_vae"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "vae.pt"
-# Fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = frozenset({"epochs", "time_budget_min"})
+from lib.generative import (
+    Generative,
+    ImageScaling,
+    Step,
+    TrainingCollapsed,
+    check_pairs,
+    config_from_dict,
+    epoch_indices,
+    load_generator,
+    one_hot,
+    train_generator,
+)
 
 
 @dataclass
@@ -83,6 +90,19 @@ class VAEConfig:
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
         """Inverse of ``to_dict``; missing keys take defaults, unknown keys raise."""
         return config_from_dict(cls, data)
+
+
+@dataclass
+class VAEGANConfig(VAEConfig):
+    """A ``VAEConfig`` plus the discriminator and adversarial terms of a ``PairVAEGAN``."""
+
+    adv_weight: float = 0.05  # least-squares adversarial loss, against the per-pixel reconstruction terms
+    feature_match_weight: float = 0.5  # L1 between discriminator features of real and reconstructed pairs
+    disc_lr: float = 2e-4
+    disc_channels: int = 32
+    disc_layers: int = 3  # needs image_size >= 4 * 2**disc_layers
+    collapse_d_loss: float = 0.02  # the discriminator "wins" below this loss (0.25 when it cannot tell)...
+    collapse_patience: int = 3  # ...for this many epochs in a row, the generator's adversarial loss not falling
 
 
 # --------------------------------------------------------------------------- model
@@ -143,37 +163,6 @@ class _ConvDecoder(nn.Module):
         return self.features(self.fc(z).view(-1, self.top_channels, 4, 4))
 
 
-class _ImageScaling(nn.Module):
-    """Per-channel affine map of a clip range onto [-1, 1], stored as buffers."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.register_buffer("center", torch.zeros(channels))
-        self.register_buffer("half_range", torch.ones(channels))
-
-    def fit(self, images: np.ndarray, max_pixels: int = 1_000_000, seed: int = 0) -> None:
-        """Set the clip range to the 0.5/99.5 percentiles of ``images`` (N, C, H, W).
-
-        At most ``max_pixels`` pixels per channel are used (a random subset of slices).
-        """
-        n, c, h, w = images.shape
-        n_keep = min(n, max(1, max_pixels // (h * w)))
-        keep = np.sort(np.random.default_rng(seed).choice(n, n_keep, replace=False))
-        flat = images[keep].transpose(1, 0, 2, 3).reshape(c, -1)
-        lo, hi = np.percentile(flat, [0.5, 99.5], axis=1)
-        self.center.copy_(torch.from_numpy((hi + lo) / 2))
-        self.half_range.copy_(torch.from_numpy(np.maximum((hi - lo) / 2, 1e-3)))
-
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """z-score space (B, C, H, W) -> clipped [-1, 1]."""
-        c, h = self.center.view(1, -1, 1, 1), self.half_range.view(1, -1, 1, 1)
-        return ((x - c) / h).clamp(-1, 1)
-
-    def unscale(self, y: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] (B, C, H, W) -> z-score space."""
-        return y * self.half_range.view(1, -1, 1, 1) + self.center.view(1, -1, 1, 1)
-
-
 class VAEOutput(NamedTuple):
     """``forward`` result; ``image_scaled`` is in the model's [-1, 1] space."""
 
@@ -183,49 +172,73 @@ class VAEOutput(NamedTuple):
     logvar: torch.Tensor  # (B, latent_dim)
 
 
-class PairVAE(nn.Module):
+def vae_loss(
+    out: VAEOutput, target: torch.Tensor, masks: torch.Tensor, beta: float, mask_weight: float
+) -> dict[str, torch.Tensor]:
+    """Loss terms of a forward pass: target images (B, C, H, W) in the scaled space, masks (B, H, W) int.
+
+    Returns:
+        Scalars ``loss`` (the weighted sum in the module docstring), ``recon_image``
+        (channel-summed MSE per pixel, scaled space), ``recon_mask`` (CE per pixel) and
+        ``kl`` (nats per sample).
+    """
+    recon_image = (out.image_scaled.float() - target).pow(2).sum(1).mean()
+    recon_mask = F.cross_entropy(out.mask_logits.float(), masks.long())
+    kl = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).mean()
+    n_pix = target.shape[-1] * target.shape[-2]
+    loss = recon_image + mask_weight * recon_mask + beta * kl / n_pix
+    return {"loss": loss, "recon_image": recon_image, "recon_mask": recon_mask, "kl": kl}
+
+
+def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Gradients of ``loss`` and one (scaled) step of ``optimizer``; the caller updates the scaler."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+
+
+class PairVAE(Generative):
     """Convolutional VAE over (image, one-hot mask) pairs with a dense latent.
 
     Attributes:
         trained_epochs: epochs of training behind the weights (0 = untrained).
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        num_classes: int,
-        latent_dim: int = 64,
-        base_channels: int = 32,
-    ):
-        super().__init__()
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.num_classes = num_classes
-        self.latent_dim = latent_dim
-        self.base_channels = base_channels
-        self.trained_epochs = 0
-        self.scaling = _ImageScaling(in_channels)
+    KIND = "pair_vae"
+    VERSION = 2  # 1: the stand-alone trainer's vae.pt
+    CONFIG = VAEConfig
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__(cfg)
+        self.scaling = ImageScaling(cfg.in_channels)
         self.encoder = _ConvEncoder(
-            in_channels + num_classes, image_size, base_channels, 2 * latent_dim
+            cfg.in_channels + cfg.num_classes, cfg.image_size, cfg.base_channels, 2 * cfg.latent_dim
         )
-        self.decoder = _ConvDecoder(latent_dim, image_size, base_channels)
-        self.image_head = nn.Conv2d(base_channels, in_channels, 3, padding=1)
-        self.mask_head = nn.Conv2d(base_channels, num_classes, 3, padding=1)
+        self.decoder = _ConvDecoder(cfg.latent_dim, cfg.image_size, cfg.base_channels)
+        self.image_head = nn.Conv2d(cfg.base_channels, cfg.in_channels, 3, padding=1)
+        self.mask_head = nn.Conv2d(cfg.base_channels, cfg.num_classes, 3, padding=1)
 
-    @classmethod
-    def from_config(cls, cfg: VAEConfig) -> PairVAE:
-        """Build an untrained model with the architecture in ``cfg``."""
-        return cls(
-            cfg.image_size, cfg.in_channels, cfg.num_classes, cfg.latent_dim, cfg.base_channels
-        )
+    def fit_data(self, images: np.ndarray, masks: np.ndarray) -> None:
+        """Fit the intensity scaling to the training images."""
+        self.scaling.fit(images, seed=self.cfg.seed)
 
-    def encode(
-        self, images: torch.Tensor, masks: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def vae_parameters(self) -> Iterator[nn.Parameter]:
+        """Encoder and decoder weights (what the "g" optimiser trains)."""
+        modules = (self.encoder, self.decoder, self.image_head, self.mask_head)
+        return itertools.chain.from_iterable(m.parameters() for m in modules)
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": torch.optim.AdamW(self.vae_parameters(), lr=self.cfg.lr)}
+
+    def beta_at(self, epoch: int) -> float:
+        """KL weight in 1-based ``epoch``: linear from 0 (epoch 1) to ``beta`` over the warm-up."""
+        cfg = self.cfg
+        return cfg.beta * min(1.0, (epoch - 1) / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs > 0 else cfg.beta
+
+    def encode(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in z-score space, masks (B, H, W) int -> mu, logvar (B, latent_dim)."""
-        onehot = F.one_hot(masks.long(), self.num_classes).permute(0, 3, 1, 2).to(images.dtype)
-        h = self.encoder(torch.cat([self.scaling.scale(images), onehot], dim=1))
+        onehot = one_hot(masks, self.cfg.num_classes).to(images.dtype)
+        h = self.encoder(torch.cat([self.scaling(images), onehot], dim=1))
         mu, logvar = h.float().chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
@@ -237,7 +250,7 @@ class PairVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, latent_dim) -> image in z-score space (B, C, H, W), mask logits (B, K, H, W)."""
         image, logits = self.decode_scaled(z)
-        return self.scaling.unscale(image.float()), logits.float()
+        return self.scaling.inverse(image), logits.float()
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> VAEOutput:
         """Encode, sample z with the reparameterisation trick (mean in eval mode), decode."""
@@ -246,132 +259,123 @@ class PairVAE(nn.Module):
         image, logits = self.decode_scaled(z)
         return VAEOutput(image, logits, mu, logvar)
 
+    def vae_terms(self, images: torch.Tensor, masks: torch.Tensor, epoch: int
+                  ) -> tuple[VAEOutput, dict[str, torch.Tensor | float]]:
+        """Forward pass and :func:`vae_loss` terms (plus the epoch's ``beta``) for a batch."""
+        beta = self.beta_at(epoch)
+        with autocast(images.device):
+            out = self(images, masks)
+        return out, vae_loss(out, self.scaling(images), masks, beta, self.cfg.mask_weight) | {"beta": beta}
 
-def vae_loss(
-    model: PairVAE, images: torch.Tensor, masks: torch.Tensor, beta: float, mask_weight: float
-) -> dict[str, torch.Tensor]:
-    """Loss terms for a batch: images (B, C, H, W) z-score, masks (B, H, W) int.
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, step: Step) -> dict[str, torch.Tensor | float]:
+        """One AdamW step on the :func:`vae_loss` of the batch."""
+        _, terms = self.vae_terms(images, masks, step.epoch)
+        _backward_step(terms["loss"], step.optimizers["g"], step.scaler)
+        step.scaler.update()
+        return terms
 
-    Returns:
-        Scalars ``loss``, ``recon_image`` (channel-summed MSE per pixel, scaled space),
-        ``recon_mask`` (CE per pixel) and ``kl`` (nats per sample).
+
+def _hard_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot argmax of (B, K, H, W) logits with the softmax's gradient (straight-through)."""
+    probs = logits.float().softmax(1)
+    return one_hot(probs.argmax(1), probs.shape[1]) + probs - probs.detach()
+
+
+class PairVAEGAN(PairVAE):
+    """A ``PairVAE`` trained against a patch discriminator (VAE-GAN, Larsen et al. 2016).
+
+    The discriminator sees (image, mask) pairs: the image in the scaled space with the
+    one-hot mask; generated masks are hard one-hot too (straight-through gradient of the
+    softmax), so it cannot tell them by their soft probabilities. Per batch, first the
+    discriminator step, least squares (LSGAN, Mao et al. 2017)::
+
+        d_loss = 1/2 (D(real) - 1)^2 + 1/4 D(recon)^2 + 1/4 D(prior)^2
+
+    on real pairs, reconstructions and samples decoded from ``z ~ N(0, I)``; then the
+    generator step::
+
+        loss = vae_loss + adv_weight * g_adv + feature_match_weight * feature_match
+        g_adv = 1/2 (D(recon) - 1)^2 + 1/2 (D(prior) - 1)^2
+        feature_match = mean over D's hidden layers of L1(features(recon), features(real))
+
+    Feature matching is the learned similarity of Larsen et al. (their Dis_l), on every
+    hidden layer as in pix2pixHD. :meth:`check_epoch` stops a run whose discriminator wins.
     """
-    out = model(images, masks)
-    target = model.scaling.scale(images)
-    recon_image = (out.image_scaled.float() - target).pow(2).sum(1).mean()
-    recon_mask = F.cross_entropy(out.mask_logits.float(), masks.long())
-    kl = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).mean()
-    n_pix = images.shape[-1] * images.shape[-2]
-    loss = recon_image + mask_weight * recon_mask + beta * kl / n_pix
-    return {"loss": loss, "recon_image": recon_image, "recon_mask": recon_mask, "kl": kl}
+
+    KIND = "pair_vae_gan"
+    CONFIG = VAEGANConfig
+
+    def __init__(self, cfg: VAEGANConfig) -> None:
+        super().__init__(cfg)
+        if cfg.image_size < 4 * 2**cfg.disc_layers:
+            raise ValueError(f"disc_layers={cfg.disc_layers} is too deep for image_size {cfg.image_size}: "
+                             f"use at most {int(math.log2(cfg.image_size // 4))}")
+        self.disc = PatchDiscriminator(spatial_dims=2, channels=cfg.disc_channels,
+                                       in_channels=cfg.in_channels + cfg.num_classes,
+                                       num_layers_d=cfg.disc_layers, norm="INSTANCE")
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        d = torch.optim.Adam(self.disc.parameters(), lr=self.cfg.disc_lr, betas=(0.5, 0.999))
+        return super().make_optimizers() | {"d": d}
+
+    def _judge(self, real: torch.Tensor, recon: torch.Tensor, prior: torch.Tensor
+               ) -> list[tuple[torch.Tensor, ...]]:
+        """Discriminator features, layer by layer (output last), each split into (real, recon, prior).
+
+        One pass over the three batches: instance normalisation keeps the samples independent.
+        """
+        with autocast(real.device):
+            outs = self.disc(torch.cat([real, recon, prior]))
+        return [o.float().split(len(real)) for o in outs]
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, step: Step) -> dict[str, torch.Tensor | float]:
+        """One discriminator step, then one generator (VAE) step; see the class docstring."""
+        out, terms = self.vae_terms(images, masks, step.epoch)
+        z = torch.randn(len(images), self.cfg.latent_dim, generator=step.noise, device=images.device)
+        with autocast(images.device):
+            prior_image, prior_logits = self.decode_scaled(z)
+        real = torch.cat([self.scaling(images), one_hot(masks, self.cfg.num_classes)], 1)
+        recon = torch.cat([out.image_scaled.float(), _hard_one_hot(out.mask_logits)], 1)
+        prior = torch.cat([prior_image.float(), _hard_one_hot(prior_logits)], 1)
+
+        self.disc.requires_grad_(True)
+        d_real, d_recon, d_prior = self._judge(real, recon.detach(), prior.detach())[-1]
+        d_loss = (0.5 * self.adversarial(d_real, True, True)
+                  + 0.25 * (self.adversarial(d_recon, False, True) + self.adversarial(d_prior, False, True)))
+        _backward_step(d_loss, step.optimizers["d"], step.scaler)
+
+        self.disc.requires_grad_(False)
+        *hidden, (_, d_recon, d_prior) = self._judge(real, recon, prior)
+        g_adv = 0.5 * (self.adversarial(d_recon, True, False) + self.adversarial(d_prior, True, False))
+        feature_match = torch.stack([F.l1_loss(f_recon, f_real.detach()) for f_real, f_recon, _ in hidden]).mean()
+        loss = terms["loss"] + self.cfg.adv_weight * g_adv + self.cfg.feature_match_weight * feature_match
+        _backward_step(loss, step.optimizers["g"], step.scaler)
+        step.scaler.update()
+        return terms | {"loss": loss, "vae_loss": terms["loss"], "g_adv": g_adv, "feature_match": feature_match,
+                        "d_loss": d_loss}
+
+    def check_epoch(self, row: dict[str, float], history: list[dict[str, Any]]) -> None:
+        """Stop when the discriminator wins: its loss below ``collapse_d_loss`` in each of the last
+        ``collapse_patience`` epochs (this one included) while the generator's adversarial loss has
+        not come down over them (the generator is not catching up; more epochs only sharpen the
+        discriminator, whose gradients then stop helping the VAE)."""
+        cfg, n = self.cfg, self.cfg.collapse_patience
+        recent = [*history, row][-n:]
+        if (len(recent) == n and all(r["d_loss"] < cfg.collapse_d_loss for r in recent)
+                and row["g_adv"] >= recent[0]["g_adv"]):
+            raise TrainingCollapsed(
+                f"{self.KIND}: the discriminator wins (d_loss < {cfg.collapse_d_loss} for {n} epochs while "
+                f"g_adv went from {recent[0]['g_adv']:.3f} to {row['g_adv']:.3f}) at epoch {row['epoch']}; "
+                f"training stopped, the checkpoint keeps epoch {row['epoch'] - 1}. Lower disc_lr or "
+                "adv_weight, or use fewer disc_layers.")
 
 
-# ----------------------------------------------------------------------- checkpoints
+CHECKPOINT_NAME = f"{PairVAE.KIND}.pt"  # in train_vae's out_dir
+GAN_CHECKPOINT_NAME = f"{PairVAEGAN.KIND}.pt"
 
 
-def save_vae(
-    path: str | os.PathLike,
-    model: PairVAE,
-    cfg: VAEConfig,
-    history: list[dict],
-    optimizer: torch.optim.Optimizer | None = None,
-) -> Path:
-    """Atomically write a checkpoint (with optimizer state when given, for resuming)."""
-    ckpt = {
-        "kind": CHECKPOINT_KIND,
-        "version": CHECKPOINT_VERSION,
-        "config": cfg.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "history": list(history),
-        "epoch": model.trained_epochs,
-    }
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(ckpt, tmp)
-    return Path(path)
-
-
-
-def _model_from_checkpoint(
-    ckpt: dict[str, Any], cfg: VAEConfig, device: str | torch.device
-) -> PairVAE:
-    model = PairVAE.from_config(cfg)
-    model.load_state_dict(ckpt["state_dict"])
-    model.trained_epochs = int(ckpt["epoch"])
-    return model.to(device).eval()
-
-
-def load_vae(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[PairVAE, VAEConfig, list[dict]]:
-    """Load ``(model, cfg, history)`` from a ``save_vae`` checkpoint; model is in eval mode."""
-    ckpt = read_checkpoint(path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "PairVAE")
-    cfg = VAEConfig.from_dict(ckpt["config"])
-    return _model_from_checkpoint(ckpt, cfg, device), cfg, list(ckpt["history"])
-
-
-# -------------------------------------------------------------------------- training
-
-
-def _check_data(
-    images: np.ndarray, masks: np.ndarray, image_size: int, channels: int, classes: int
-) -> None:
-    expected = (channels, image_size, image_size)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(
-            f"images must have shape (N, {channels}, {image_size}, {image_size}), got {images.shape}"
-        )
-    if masks.shape != (images.shape[0], image_size, image_size):
-        raise ValueError(f"masks must have shape (N, H, W) matching images, got {masks.shape}")
-    if masks.size and (masks.min() < 0 or masks.max() >= classes):
-        raise ValueError(
-            f"mask values must be in [0, {classes - 1}], got [{masks.min()}, {masks.max()}]"
-        )
-
-
-
-def _batches(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    idx: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(idx), batch_size):
-        b = idx[start : start + batch_size]
-        yield images[b].to(device, non_blocking=True), masks[b].to(device, non_blocking=True).long()
-
-
-
-
-def _beta_at(cfg: VAEConfig, epoch: int) -> float:
-    """KL weight for 0-based ``epoch``: linear from 0 to ``cfg.beta`` over the warm-up."""
-    if cfg.kl_warmup_epochs <= 0:
-        return cfg.beta
-    return cfg.beta * min(1.0, epoch / cfg.kl_warmup_epochs)
-
-
-def _resume_state(
-    ckpt_path: Path, cfg: VAEConfig, device: torch.device
-) -> tuple[PairVAE, dict | None, list[dict]] | None:
-    """(model, optimizer state, history) from an existing checkpoint with a matching config."""
-    if not ckpt_path.exists():
-        return None
-    ckpt = read_checkpoint(ckpt_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "PairVAE")
-    saved = VAEConfig.from_dict(ckpt["config"]).to_dict()
-    diff = {
-        k: (saved[k], v)
-        for k, v in cfg.to_dict().items()
-        if k not in _RESUMABLE_FIELDS and saved[k] != v
-    }
-    if diff:
-        raise ValueError(
-            f"{ckpt_path} was trained with a different config (field: (saved, requested)) {diff}; "
-            "use another out_dir or delete the checkpoint to start over"
-        )
-    model = _model_from_checkpoint(ckpt, cfg, device)
-    return model, ckpt.get("optimizer"), list(ckpt["history"])
+# ------------------------------------------------------------------ train and load
 
 
 def train_vae(
@@ -383,125 +387,33 @@ def train_vae(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[PairVAE, list[dict]]:
-    """Train a ``PairVAE`` on slices, resuming from ``out_dir/vae.pt`` when present.
+    """Train (or resume) a ``PairVAE``, or a ``PairVAEGAN`` for a ``VAEGANConfig``.
 
-    Args:
-        images: float32 (N, C, H, W), z-scored.
-        masks: uint8 (N, H, W) with class ids in [0, num_classes).
-        cfg: architecture and training settings; ``epochs`` is the total target.
-        device: torch device; mixed precision where :func:`lib.env.amp_dtype` gives one.
-        out_dir: if given, ``vae.pt`` is written atomically after every epoch and an
-            existing one (same config apart from ``epochs``/``time_budget_min``) is resumed.
-        progress: show a tqdm bar over epochs.
-
-    Returns:
-        The model (eval mode) and one history row per epoch trained so far.
-
-    Raises:
-        ValueError: bad data shapes, or a checkpoint with a different config.
-        RuntimeError: the loss became NaN/inf (the last checkpoint is left as it was).
+    A thin wrapper over :func:`lib.generative.train_generator` (see it for the arguments,
+    the checkpoint ``<out_dir>/pair_vae.pt`` or ``pair_vae_gan.pt`` and the errors). History
+    rows hold the epoch, the mean loss terms of :meth:`PairVAE.train_step` (or
+    :meth:`PairVAEGAN.train_step`), ``beta`` and ``seconds``.
     """
-    _check_data(images, masks, cfg.image_size, cfg.in_channels, cfg.num_classes)
-    device = torch.device(device)
-    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    resumed = _resume_state(ckpt_path, cfg, device) if ckpt_path is not None else None
-    if resumed is None:
-        torch.manual_seed(cfg.seed)
-        model = PairVAE.from_config(cfg)
-        model.scaling.fit(images, seed=cfg.seed)
-        model.to(device)
-        opt_state, history = None, []
-    else:
-        model, opt_state, history = resumed
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    _fit(model, optimizer, images, masks, cfg, history, device, ckpt_path, progress)
-    return model.eval(), history
+    cls = PairVAEGAN if isinstance(cfg, VAEGANConfig) else PairVAE
+    return train_generator(cls, images, masks, cfg, device=device, out_dir=out_dir, progress=progress)
 
 
-def _fit(
-    model: PairVAE,
-    optimizer: torch.optim.Optimizer,
-    images: np.ndarray,
-    masks: np.ndarray,
-    cfg: VAEConfig,
-    history: list[dict],
-    device: torch.device,
-    ckpt_path: Path | None,
-    progress: bool,
-) -> None:
-    """Epoch loop from ``model.trained_epochs`` to ``cfg.epochs``; appends to ``history``."""
-    x_all, m_all = (
-        torch.from_numpy(np.ascontiguousarray(images, np.float32)),
-        torch.from_numpy(masks),
-    )
-    has_fg = masks.reshape(len(masks), -1).any(axis=1)
-    scaler = grad_scaler(device)
-    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
-    t_start = time.monotonic()
-    bar = tqdm(
-        range(model.trained_epochs, cfg.epochs),
-        desc="VAE",
-        disable=not progress,
-        initial=model.trained_epochs,
-        total=cfg.epochs,
-    )
-    for n_done, epoch in enumerate(bar, start=1):
-        row = _train_epoch(model, optimizer, scaler, x_all, m_all, has_fg, cfg, epoch, device)
-        model.trained_epochs = epoch + 1
-        history.append(row)
-        if ckpt_path is not None:
-            save_vae(ckpt_path, model, cfg, history, optimizer)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.1f}", beta=f"{row['beta']:.2f}")
-        elapsed = time.monotonic() - t_start
-        if epoch + 1 < cfg.epochs and elapsed * (n_done + 1) / n_done > budget_s:
-            tqdm.write(
-                f"VAE: stopping after epoch {epoch + 1}, another would exceed the "
-                f"time budget of {cfg.time_budget_min} min"
-            )
-            break
-    bar.close()
+def _checkpoint_class(path: str | os.PathLike) -> type[PairVAE]:
+    """The class named by a checkpoint's kind (``PairVAE`` for any other kind or an unreadable
+    file: :func:`lib.generative.load_generator` then says what is wrong)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for missing or corrupt files
+        return PairVAE
+    return PairVAEGAN if isinstance(ckpt, dict) and ckpt.get("kind") == PairVAEGAN.KIND else PairVAE
 
 
-def _train_epoch(
-    model: PairVAE,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    x_all: torch.Tensor,
-    m_all: torch.Tensor,
-    has_fg: np.ndarray,
-    cfg: VAEConfig,
-    epoch: int,
-    device: torch.device,
-) -> dict:
-    """One epoch (0-based ``epoch``); seeded by (seed, epoch) so resuming is reproducible."""
-    torch.manual_seed(cfg.seed * 100_003 + epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    idx = epoch_indices(has_fg, cfg.foreground_fraction, gen)
-    beta = _beta_at(cfg, epoch)
-    model.train()
-    t0 = time.monotonic()
-    sums = dict.fromkeys(("loss", "recon_image", "recon_mask", "kl"), 0.0)
-    n_batches = 0
-    for x, m in _batches(x_all, m_all, idx, cfg.batch_size, device):
-        with autocast(device):
-            terms = vae_loss(model, x, m, beta, cfg.mask_weight)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise RuntimeError(
-                f"VAE training diverged at epoch {epoch + 1} (batch {n_batches + 1}): loss is "
-                f"{loss.item()}; try a lower lr (now {cfg.lr}). The last checkpoint, if any, is unchanged."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        for k, v in terms.items():
-            sums[k] += v.item()
-        n_batches += 1
-    row = {"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()}}
-    return {**row, "beta": beta, "seconds": time.monotonic() - t0}
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PairVAE, VAEConfig, list[dict]]:
+    """Load ``(model, cfg, history)`` of a ``PairVAE`` or ``PairVAEGAN`` checkpoint (by its kind).
+
+    See :func:`lib.generative.load_generator` for the errors; the model is in eval mode.
+    """
+    return load_generator(_checkpoint_class(path), path, device)
 
 
 # -------------------------------------------------------------------------- sampling
@@ -511,17 +423,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _require_trained(model: PairVAE) -> None:
-    if getattr(model, "trained_epochs", 0) <= 0:
-        raise RuntimeError(
-            "the PairVAE is untrained (trained_epochs == 0); train it or load a checkpoint first"
-        )
-
-
 def _to_numpy(images: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    return images.float().cpu().numpy().astype(np.float32), logits.argmax(1).cpu().numpy().astype(
-        np.uint8
-    )
+    return images.float().cpu().numpy().astype(np.float32), logits.argmax(1).cpu().numpy().astype(np.uint8)
 
 
 @torch.no_grad()
@@ -537,41 +440,32 @@ def sample_pairs(
 
     Returns:
         images float32 (n, C, H, W) in z-score space, masks uint8 (n, H, W).
+
+    Raises:
+        RuntimeError: the model is untrained.
     """
-    _require_trained(model)
+    model.require_trained()
     model.to(device).eval()
-    z_all = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
-    imgs, msks = [], []
-    for start in range(0, n, batch_size):
-        image, logits = model.decode(z_all[start : start + batch_size].to(device))
-        i, m = _to_numpy(image, logits)
-        imgs.append(i)
-        msks.append(m)
-    s, c = model.image_size, model.in_channels
-    if not imgs:
+    z_all = torch.randn(n, model.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
+    pairs = [_to_numpy(*model.decode(z_all[s:s + batch_size].to(device))) for s in range(0, n, batch_size)]
+    if not pairs:
+        s, c = model.cfg.image_size, model.cfg.in_channels
         return np.zeros((0, c, s, s), np.float32), np.zeros((0, s, s), np.uint8)
-    return np.concatenate(imgs), np.concatenate(msks)
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
 @torch.no_grad()
-def _encode_means(
-    model: PairVAE, images: np.ndarray, masks: np.ndarray, batch_size: int = 64
-) -> torch.Tensor:
+def _encode_means(model: PairVAE, images: np.ndarray, masks: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """Posterior means (N, latent_dim) on the model's device."""
     device = _device_of(model)
     model.eval()
-    x, m = torch.from_numpy(np.asarray(images, np.float32)), torch.from_numpy(np.asarray(masks))
-    mus = [
-        model.encode(xb, mb)[0]
-        for xb, mb in _batches(x, m, torch.arange(len(x)), batch_size, device)
-    ]
-    return torch.cat(mus)
+    x, m = torch.from_numpy(np.asarray(images, np.float32)), torch.from_numpy(np.asarray(masks)).long()
+    return torch.cat([model.encode(x[s:s + batch_size].to(device), m[s:s + batch_size].to(device))[0]
+                      for s in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
-def reconstruct(
-    model: PairVAE, images: np.ndarray, masks: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def reconstruct(model: PairVAE, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Decode the posterior mean of each pair: (N, C, H, W), (N, H, W) -> same shapes."""
     mu = _encode_means(model, images, masks)
     return _to_numpy(*model.decode(mu))
@@ -623,17 +517,16 @@ class LatentSegmenter(nn.Module):
 
     def __init__(self, vae: PairVAE, base_channels: int = 16):
         super().__init__()
-        self.scaling = _ImageScaling(vae.in_channels)
+        cfg = vae.cfg
+        self.scaling = ImageScaling(cfg.in_channels)
         self.scaling.load_state_dict(vae.scaling.state_dict())
-        self.encoder = _ConvEncoder(vae.in_channels, vae.image_size, base_channels, vae.latent_dim)
-        self.decoder = LatentSegDecoder(
-            vae.latent_dim, vae.image_size, vae.num_classes, base_channels
-        )
+        self.encoder = _ConvEncoder(cfg.in_channels, cfg.image_size, base_channels, cfg.latent_dim)
+        self.decoder = LatentSegDecoder(cfg.latent_dim, cfg.image_size, cfg.num_classes, base_channels)
         self.history: list[dict] = []
 
     def latent(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in z-score space -> latent estimate (B, latent_dim)."""
-        return self.encoder(self.scaling.scale(images)).float()
+        return self.encoder(self.scaling(images)).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) -> mask logits (B, K, S, S)."""
@@ -644,7 +537,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     """Cross-entropy plus soft Dice loss (batch-wise, all classes); logits (B, K, H, W)."""
     logits = logits.float()
     probs = logits.softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    onehot = one_hot(target, logits.shape[1])
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = (2 * inter + eps) / (denom + eps)
@@ -674,33 +567,28 @@ def train_latent_segmenter(
     the latent. Everything the decoder knows thus passes through the VAE latent.
 
     Args:
-        vae: trained PairVAE (frozen, not modified).
+        vae: trained PairVAE or PairVAEGAN (frozen, not modified).
         images: float32 (N, C, H, W) z-scored; masks: uint8 (N, H, W).
 
     Returns:
         The segmenter (eval mode) with ``history`` rows {epoch, latent_mse, dice_ce, seconds}.
     """
-    _require_trained(vae)
-    _check_data(images, masks, vae.image_size, vae.in_channels, vae.num_classes)
+    vae.require_trained()
+    check_pairs(images, masks, vae.cfg.image_size, vae.cfg.in_channels, vae.cfg.num_classes)
     device = torch.device(device)
     vae.to(device).eval()
     targets = _encode_means(vae, images, masks).cpu()
     torch.manual_seed(seed)
     seg = LatentSegmenter(vae).to(device)
     optimizer = torch.optim.AdamW(seg.parameters(), lr=lr)
-    x_all, m_all = (
-        torch.from_numpy(np.ascontiguousarray(images, np.float32)),
-        torch.from_numpy(masks),
-    )
+    x_all, m_all = torch.from_numpy(np.ascontiguousarray(images, np.float32)), torch.from_numpy(masks)
     has_fg = masks.reshape(len(masks), -1).any(axis=1)
     scaler = grad_scaler(device)
     for epoch in tqdm(range(epochs), desc="latent seg", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         idx = epoch_indices(has_fg, foreground_fraction, gen)
         seg.history.append(
-            _seg_epoch(
-                seg, optimizer, scaler, x_all, m_all, targets, idx, batch_size, device, epoch
-            )
+            _seg_epoch(seg, optimizer, scaler, x_all, m_all, targets, idx, batch_size, device, epoch)
         )
     return seg.eval()
 
@@ -727,9 +615,7 @@ def _seg_epoch(
             z = seg.latent(x)
             latent_mse = F.mse_loss(z, target)
             seg_loss = dice_ce_loss(seg.decoder(z.detach()), m)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(latent_mse + seg_loss).backward()
-        scaler.step(optimizer)
+        _backward_step(latent_mse + seg_loss, optimizer, scaler)
         scaler.update()
         sums[0] += latent_mse.item()
         sums[1] += seg_loss.item()
@@ -744,16 +630,12 @@ def _seg_epoch(
 
 
 @torch.no_grad()
-def predict_latent_segmenter(
-    seg: LatentSegmenter, images: np.ndarray, batch_size: int = 64
-) -> np.ndarray:
+def predict_latent_segmenter(seg: LatentSegmenter, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Images float32 (N, C, H, W) z-scored -> predicted masks uint8 (N, H, W)."""
     device = _device_of(seg)
     seg.eval()
     x = torch.from_numpy(np.asarray(images, np.float32))
-    out = [
-        seg(x[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(x), batch_size)
-    ]
+    out = [seg(x[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(x), batch_size)]
     if not out:
         return np.zeros((0, *images.shape[2:]), np.uint8)
     return torch.cat(out).numpy().astype(np.uint8)
