@@ -186,6 +186,15 @@ class Generative(nn.Module):
             raise RuntimeError(f"the {self.KIND} generator is untrained (0 epochs); train it or load a checkpoint")
 
 
+def _warm_ema(decay: float):
+    """EMA update whose decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so
+    a short run does not sample with weights still close to the untrained ones."""
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(ema_params, params, num_averaged)
+    return update
+
+
 def _budget_spent(budget_min: float | None, t_start: float, session_rows: list[dict]) -> bool:
     """True if another epoch (of the mean length so far) would overrun the time budget."""
     if budget_min is None or not session_rows:
@@ -236,7 +245,7 @@ def train_generator(
     optimizers = model.make_optimizers()
     decay = getattr(cfg, "ema_decay", None)
     target = model.ema_module()
-    ema = AveragedModel(target, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay and target is not None else None
+    ema = AveragedModel(target, multi_avg_fn=_warm_ema(decay)) if decay and target is not None else None
     fingerprint = data_fingerprint(images, masks)
     path = _checkpoint_path(cls, out_dir)
     history: list[dict[str, Any]] = []
