@@ -159,7 +159,7 @@ def memorisation_summary(
     }
 
 
-def _slice_dice(pred: np.ndarray, target: np.ndarray) -> float:
+def slice_dice(pred: np.ndarray, target: np.ndarray) -> float:
     """Mean Dice over foreground classes present in either (H, W) mask."""
     classes = np.setdiff1d(np.union1d(np.unique(pred), np.unique(target)), [0])
     dice = [
@@ -193,7 +193,7 @@ def mask_agreement(
         ]
     )
     scores = [
-        _slice_dice(p, t) for p, t in zip(pred, np.asarray(synth_masks)) if p.any() or t.any()
+        slice_dice(p, t) for p, t in zip(pred, np.asarray(synth_masks)) if p.any() or t.any()
     ]
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -241,62 +241,82 @@ def encoder_features(
     return torch.cat(feats).numpy()
 
 
-def _fg_share(masks: np.ndarray) -> float:
-    return float(np.asarray(masks).reshape(len(masks), -1).any(axis=1).mean())
+def _subsample(images: np.ndarray, masks: np.ndarray, n: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    pick = rng.permutation(len(images))[:n]
+    return images[pick], masks[pick]
 
 
 def quality_table(
-    real_images: np.ndarray,
-    real_masks: np.ndarray,
+    train: tuple[np.ndarray, np.ndarray],
+    held_out: tuple[np.ndarray, np.ndarray],
     generators: dict[str, tuple[np.ndarray, np.ndarray]],
     predict_fn: Callable[[np.ndarray], np.ndarray],
     encoder: nn.Module,
+    *,
+    new_masks: set[str] = frozenset(),
     device: str | torch.device = "cpu",
-    held_out: tuple[np.ndarray, np.ndarray] | None = None,
     max_samples: int = 500,
     seed: int = 0,
-) -> list[dict]:
-    """One row of quality measures per synthetic source (plus a real reference row).
+) -> dict[str, dict[str, float]]:
+    """Quality of each generator's pairs, measured against real slices of unseen patients.
+
+    Every source is subsampled to the same ``n`` slices (Frechet distances depend on n).
+    For a generator's samples: ``frechet`` (encoder features against the held-out slices)
+    and ``frechet_ratio`` (to the real-to-real distance), ``sharpness_ratio`` (to the
+    held-out slices), ``msssim_diversity``, ``nn_distance_median`` (RMSE to the nearest
+    *training* slice: smaller than real's suggests copying), ``mask_agreement`` (Dice of
+    the reference segmenter against the sample's mask) and ``mask_agreement_ratio`` (to
+    real's), and ``mask_novelty_median`` (Dice to the nearest training mask) for the
+    generators named in ``new_masks``.
+
+    The ``real`` row holds what real data of new patients reaches: training against
+    held-out slices for the distribution measures (its ``frechet`` is the real-to-real
+    distance), and the held-out slices against the training ones for memorisation,
+    mask agreement and mask novelty.
 
     Args:
-        real_images, real_masks: the real training slices (reference for sharpness,
-            nearest-neighbour distance, FID and foreground share).
+        train: the generators' (and the segmenter's) real training slices and masks.
+        held_out: real slices of other patients (validation and test), never trained on.
         generators: name -> (images, masks) sampled from each generator.
-        predict_fn: segmentation model trained on real data, (B, C, H, W) -> (B, H, W).
-        encoder: that model's encoder (returns a list of feature maps).
-        held_out: real slices not used for training; adds a "real (held-out)" row,
-            the values a perfect generator would reach.
-        max_samples: each source (and the real set for FID) is subsampled to at most
-            this many slices, with the same N for all sources, so FIDs are comparable.
-
-    Returns:
-        Rows with keys source, n, sharpness_ratio, msssim_diversity, nn_rmse_median,
-        mask_dice, fid_encoder, fg_share_ratio (foreground-slice share / real share).
+        predict_fn: the reference segmenter trained on ``train``, (B, C, H, W) -> (B, H, W).
+        encoder: that segmenter's encoder (returns a list of feature maps).
     """
-    sources = dict(generators)
-    if held_out is not None:
-        sources["real (held-out)"] = held_out
-    n = min([max_samples, len(real_images), *(len(im) for im, _ in sources.values())])
+    from lib.shapes import shape_statistics  # masks' novelty, as the shape model reports it
+
     rng = np.random.default_rng(seed)
-    real_pick = rng.permutation(len(real_images))[:n]
-    real_feats = encoder_features(encoder, real_images[real_pick], device=device)
-    real_fg = _fg_share(real_masks)
-    rows = []
-    for name, (images, masks) in sources.items():
-        pick = rng.permutation(len(images))[:n]
-        im, ms = images[pick], masks[pick]
-        rows.append(
-            {
-                "source": name,
-                "n": n,
-                "sharpness_ratio": sharpness_ratio(im, real_images),
-                "msssim_diversity": diversity_msssim(im, seed=seed),
-                "nn_rmse_median": float(np.median(memorisation_distance(im, real_images))),
-                "mask_dice": mask_agreement(predict_fn, im, ms),
-                "fid_encoder": frechet_distance(
-                    encoder_features(encoder, im, device=device), real_feats
-                ),
-                "fg_share_ratio": _fg_share(ms) / real_fg if real_fg else float("nan"),
-            }
-        )
-    return rows
+    n = min([max_samples, len(train[0]), len(held_out[0]), *(len(im) for im, _ in generators.values())])
+    train_im, train_ms = _subsample(*train, n, rng)
+    ref_im, ref_ms = _subsample(*held_out, n, rng)
+    ref_feats = encoder_features(encoder, ref_im, device=device)
+    real_frechet = frechet_distance(encoder_features(encoder, train_im, device=device), ref_feats)
+    real = {
+        "n": n,
+        "frechet": real_frechet,
+        "frechet_ratio": 1.0,
+        "sharpness_ratio": sharpness_ratio(train_im, ref_im),
+        "msssim_diversity": diversity_msssim(train_im, seed=seed),
+        "nn_distance_median": float(np.median(memorisation_distance(ref_im, train[0]))),
+        "mask_agreement": mask_agreement(predict_fn, ref_im, ref_ms),
+        "mask_agreement_ratio": 1.0,
+        "mask_novelty_median": shape_statistics(ref_ms, train[1])["novelty_median"],
+    }
+    table = {"real": real}
+    for name, (images, masks) in generators.items():
+        im, ms = _subsample(images, masks, n, rng)
+        frechet = frechet_distance(encoder_features(encoder, im, device=device), ref_feats)
+        agreement = mask_agreement(predict_fn, im, ms)
+        row = {
+            "n": n,
+            "frechet": frechet,
+            "frechet_ratio": frechet / real_frechet if real_frechet > 0 else float("nan"),
+            "sharpness_ratio": sharpness_ratio(im, ref_im),
+            "msssim_diversity": diversity_msssim(im, seed=seed),
+            "nn_distance_median": float(np.median(memorisation_distance(im, train[0]))),
+            "mask_agreement": agreement,
+            "mask_agreement_ratio": agreement / real["mask_agreement"] if real["mask_agreement"] else float("nan"),
+        }
+        if name in new_masks:
+            row["mask_novelty_median"] = shape_statistics(ms, train[1])["novelty_median"]
+        table[name] = row
+    return table

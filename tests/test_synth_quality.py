@@ -121,16 +121,15 @@ def test_quality_table(data):
     images, masks = data
     blurred = gaussian_filter(images, sigma=(0, 0, 1.5, 1.5))
     held_out = make_discs(12, seed=1)
-    rows = quality_table(
-        images, masks, {"blur": (blurred, masks), "copy": (images, masks)},
-        threshold_predictor, TinyEncoder(), held_out=held_out,
-    )  # fmt: skip
-    assert [r["source"] for r in rows] == ["blur", "copy", "real (held-out)"]
-    keys = {"source", "n", "sharpness_ratio", "msssim_diversity", "nn_rmse_median",
-            "mask_dice", "fid_encoder", "fg_share_ratio"}  # fmt: skip
-    assert all(set(r) == keys for r in rows)
-    blur, copy, real = rows
+    table = quality_table((images, masks), held_out, {"blur": (blurred, masks), "copy": (images, masks)},
+                          threshold_predictor, TinyEncoder(), new_masks={"blur"})
+    assert list(table) == ["real", "blur", "copy"]
+    keys = {"n", "frechet", "frechet_ratio", "sharpness_ratio", "msssim_diversity", "nn_distance_median",
+            "mask_agreement", "mask_agreement_ratio"}
+    assert set(table["copy"]) == keys and set(table["blur"]) == set(table["real"]) == keys | {"mask_novelty_median"}
+    real, blur, copy = table["real"], table["blur"], table["copy"]
+    assert real["frechet_ratio"] == 1.0 and copy["frechet_ratio"] == pytest.approx(copy["frechet"] / real["frechet"])
     assert blur["sharpness_ratio"] < 0.5 < real["sharpness_ratio"]
-    assert copy["nn_rmse_median"] == pytest.approx(0.0, abs=1e-6)
-    assert real["nn_rmse_median"] > 0.1
-    assert all(r["n"] == 12 for r in rows)
+    assert copy["nn_distance_median"] == pytest.approx(0.0, abs=1e-6) and real["nn_distance_median"] > 0.1
+    assert blur["mask_novelty_median"] == pytest.approx(1.0)  # the training masks themselves: no novelty
+    assert all(r["n"] == 12 for r in table.values())
