@@ -226,6 +226,33 @@ def pair_grid(
     return fig
 
 
+def sources_grid(
+    sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    n: int = 6,
+    title: str = "",
+    class_names: Mapping[int, str] | None = None,
+) -> Figure:
+    """Real and synthetic pairs side by side: one row per source (e.g. "real", each generator),
+    ``n`` slices with foreground each, the mask contoured in each class's colour."""
+    colours, _ = _class_colours(class_names, *(m[pick_slices(m, n)] for _, m in sources.values()))
+    fig, axes = plt.subplots(len(sources), n, figsize=(1.6 * n, 1.7 * len(sources)), squeeze=False)
+    for row, (name, (images, masks)) in zip(axes, sources.items()):
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        for ax, i in zip(row, pick_slices(masks, n)):
+            ax.imshow(_show(images[i, 0]), cmap="gray")
+            _contours(ax, masks[i], colours, 0.7)
+        row[0].set_ylabel(name, fontsize=9)
+    if len(colours) > 1:
+        _class_legend(fig, colours, class_names, preds=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def history_curves(history: list[dict], keys: list[str], title: str = "") -> Figure:
     """One panel per history key against epoch (e.g. a generator's loss terms)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)

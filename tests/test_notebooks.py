@@ -86,8 +86,8 @@ def test_parameters_cell_shares_names(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_stay_thin(name):
     for cell in cells(name, "code"):
-        if "Colab setup" in cell.source or is_parameters(cell):
-            continue
+        if "Colab setup" in cell.source or is_parameters(cell) or cell.source.startswith("%matplotlib"):
+            continue  # the setup, parameters and imports cells may be long
         assert len(cell.source.splitlines()) <= 25, cell.source[:80]
         assert "def " not in cell.source and "class " not in cell.source
 

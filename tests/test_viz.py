@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from lib.viz import pair_grid, patient_gif, patient_grid
+from lib.viz import pair_grid, patient_gif, patient_grid, sources_grid
+from tests.helpers import make_discs
 
 TAB10 = plt.colormaps["tab10"].colors
 
@@ -108,3 +109,11 @@ def test_empty_masks_draw_nothing(fn) -> None:
     fig = fn(images, masks, n=2, cols=2)
     assert not fig.axes[0].collections and not fig.legends
     plt.close(fig)
+
+
+def test_sources_grid_has_one_labelled_row_per_source():
+    images, masks = make_discs(12, 32)
+    fig = sources_grid({"real": (images, masks), "gan": (images[::-1], masks[::-1])}, n=4)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert labels == ["real", "gan"] and len(fig.axes) == 8
+    assert sum(len(ax.images) for ax in fig.axes) == 8
