@@ -247,6 +247,12 @@ def _subsample(images: np.ndarray, masks: np.ndarray, n: int, rng: np.random.Gen
     return images[pick], masks[pick]
 
 
+def with_foreground(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs whose mask holds any foreground."""
+    keep = np.asarray(masks).reshape(len(masks), -1).any(axis=1)
+    return images[keep], masks[keep]
+
+
 def quality_table(
     train: tuple[np.ndarray, np.ndarray],
     held_out: tuple[np.ndarray, np.ndarray],
@@ -261,7 +267,9 @@ def quality_table(
 ) -> dict[str, dict[str, float]]:
     """Quality of each generator's pairs, measured against real slices of unseen patients.
 
-    Every source is subsampled to the same ``n`` slices (Frechet distances depend on n).
+    Every source is restricted to pairs with foreground (what synthetic pairs are made for:
+    a real slice set that is mostly background would inflate every distance) and subsampled
+    to the same ``n`` slices (Frechet distances depend on n).
     For a generator's samples: ``frechet`` (encoder features against the held-out slices)
     and ``frechet_ratio`` (to the real-to-real distance), ``sharpness_ratio`` (to the
     held-out slices), ``msssim_diversity``, ``nn_distance_median`` (RMSE to the nearest
@@ -285,9 +293,13 @@ def quality_table(
     from lib.shapes import shape_statistics  # masks' novelty, as the shape model reports it
 
     rng = np.random.default_rng(seed)
-    n = min([max_samples, len(train[0]), len(held_out[0]), *(len(im) for im, _ in generators.values())])
-    train_im, train_ms = _subsample(*train, n, rng)
-    ref_im, ref_ms = _subsample(*held_out, n, rng)
+    sources = {"train": train, "held-out": held_out, **generators}
+    sources = {name: with_foreground(*pair) for name, pair in sources.items()}
+    if empty := [name for name, (im, _) in sources.items() if len(im) < 2]:
+        raise ValueError(f"quality_table: fewer than 2 pairs with foreground in {empty}")
+    n = min([max_samples, *(len(im) for im, _ in sources.values())])
+    train_im, train_ms = _subsample(*sources["train"], n, rng)
+    ref_im, ref_ms = _subsample(*sources["held-out"], n, rng)
     ref_feats = encoder_features(encoder, ref_im, device=device)
     real_frechet = frechet_distance(encoder_features(encoder, train_im, device=device), ref_feats)
     real = {
@@ -302,8 +314,8 @@ def quality_table(
         "mask_novelty_median": shape_statistics(ref_ms, train[1])["novelty_median"],
     }
     table = {"real": real}
-    for name, (images, masks) in generators.items():
-        im, ms = _subsample(images, masks, n, rng)
+    for name in generators:
+        im, ms = _subsample(*sources[name], n, rng)
         frechet = frechet_distance(encoder_features(encoder, im, device=device), ref_feats)
         agreement = mask_agreement(predict_fn, im, ms)
         row = {

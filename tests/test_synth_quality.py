@@ -132,4 +132,20 @@ def test_quality_table(data):
     assert blur["sharpness_ratio"] < 0.5 < real["sharpness_ratio"]
     assert copy["nn_distance_median"] == pytest.approx(0.0, abs=1e-6) and real["nn_distance_median"] > 0.1
     assert blur["mask_novelty_median"] == pytest.approx(1.0)  # the training masks themselves: no novelty
-    assert all(r["n"] == 12 for r in table.values())
+    n_fg = min(int(m.reshape(len(m), -1).any(axis=1).sum()) for m in (masks, held_out[1]))
+    assert 2 <= n_fg < 12 and all(r["n"] == n_fg for r in table.values())  # slices without foreground left out
+
+
+def test_quality_table_ignores_background_only_slices(data):
+    """Empty slices added to the held-out set change nothing; a source without foreground is an error."""
+    images, masks = data
+    held_out = make_discs(12, seed=1)
+    padded = (np.concatenate([held_out[0], np.zeros_like(held_out[0])]),
+              np.concatenate([held_out[1], np.zeros_like(held_out[1])]))
+    plain = quality_table((images, masks), held_out, {"copy": (images, masks)}, threshold_predictor, TinyEncoder())
+    padded_table = quality_table((images, masks), padded, {"copy": (images, masks)}, threshold_predictor,
+                                 TinyEncoder())
+    assert padded_table["copy"]["frechet"] == pytest.approx(plain["copy"]["frechet"])
+    with pytest.raises(ValueError, match="empty_gen"):
+        quality_table((images, masks), held_out, {"empty_gen": (images, np.zeros_like(masks))},
+                      threshold_predictor, TinyEncoder())
