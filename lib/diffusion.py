@@ -74,11 +74,19 @@ from monai.networks.schedulers import DDIMScheduler, NoiseSchedules
 from torch import nn
 
 from lib.env import autocast
-from lib.generative import Generative, ImageScaling, Step, load_generator, one_hot, train_generator
+from lib.generative import (
+    Generative,
+    GeneratorConfig,
+    ImageScaling,
+    Step,
+    load_generator,
+    one_hot,
+    train_generator,
+)
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(GeneratorConfig):
     """Hyper-parameters of a :class:`MaskDDPM`, its training run and its mask source.
 
     The defaults suit 64x64 slices on a CPU (lowest U-Net resolution 16x16). For 128-256
@@ -87,9 +95,6 @@ class DiffusionConfig:
     ``epochs``, ``time_budget_min`` and ``sample_steps`` may change when resuming.
     """
 
-    image_size: int = 64
-    in_channels: int = 1
-    num_classes: int = 2
     base_channels: int = 32  # U-Net width at full resolution; level i has base_channels * channel_mults[i]
     channel_mults: tuple[int, ...] = (1, 2, 2)
     res_blocks: int = 1  # residual blocks per level on the way down (MONAI adds one on the way up)
@@ -97,16 +102,10 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"  # a MONAI noise schedule: "cosine", "scaled_linear_beta", ...
     sample_steps: int = 50  # DDIM steps
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float | None = 0.995  # EMA of the denoiser for sampling; keep 1 / (1 - decay) well below the steps run
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al., 2023); None: off
-    foreground_fraction: float | None = 0.5
-    seed: int = 0
-    time_budget_min: float | None = None
     # mask source: random affine + smooth elastic deformation of bank masks
     max_rotation_deg: float = 15.0
     scale_range: float = 0.1  # scale drawn from [1 - r, 1 + r]

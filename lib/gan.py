@@ -37,6 +37,7 @@ from torch import nn
 from lib.env import autocast
 from lib.generative import (
     Generative,
+    GeneratorConfig,
     ImageScaling,
     Step,
     TrainingCollapsed,
@@ -47,12 +48,9 @@ from lib.generative import (
 
 
 @dataclass
-class SPADEGANConfig:
-    """Architecture and training settings of :class:`SPADEGAN`."""
+class SPADEGANConfig(GeneratorConfig):
+    """Architecture and loss settings of :class:`SPADEGAN` (training-run fields: ``GeneratorConfig``)."""
 
-    image_size: int = 64
-    in_channels: int = 1
-    num_classes: int = 2
     channels: tuple[int, ...] = (16, 32, 64, 128)  # encoder widths, full resolution first; decoder mirrors them
     z_dim: int = 32  # style code
     spade_channels: int = 32  # hidden width of each SPADE normalisation
@@ -62,16 +60,13 @@ class SPADEGANConfig:
     feature_match_weight: float = 10.0
     l1_weight: float = 10.0
     kl_weight: float = 0.05
-    lr: float = 2e-4
     disc_lr: float = 2e-4
-    epochs: int = 100
-    batch_size: int = 16
-    seed: int = 0
-    time_budget_min: float | None = None
-    foreground_fraction: float | None = 0.5
-    ema_decay: float | None = 0.999
     collapse_d_loss: float = 0.01  # the discriminator "wins" below this least-squares loss...
     collapse_patience: int = 5  # ...for this many epochs in a row
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 2e-4
+    ema_decay: float | None = 0.999
 
 
 class SPADEGAN(Generative):

@@ -62,6 +62,35 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
+@dataclass
+class GeneratorConfig:
+    """Settings every generator shares: its data, its training run and its sampling weights.
+
+    Each generator's config subclasses this, adds its architecture and loss settings, and
+    may give these fields other defaults.
+    """
+
+    image_size: int = 64
+    in_channels: int = 1
+    num_classes: int = 2
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    time_budget_min: float | None = None  # stop gracefully after this many minutes (None: no limit)
+    foreground_fraction: float | None = 0.5  # share of each epoch's slices that hold foreground (None: as in the data)
+    ema_decay: float | None = None  # EMA of the sampling weights (None: off)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON- and checkpoint-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Inverse of ``to_dict``; missing keys take defaults, unknown keys raise."""
+        return config_from_dict(cls, data)
+
+
 def read_checkpoint(path: str | os.PathLike, kind: str, version: int, label: str) -> dict[str, Any]:
     """Load a checkpoint dict of ``kind``; ValueError naming ``path`` if unusable."""
     try:
@@ -211,7 +240,7 @@ def train_generator(
     cls: type[G],
     images: np.ndarray,
     masks: np.ndarray,
-    cfg: Any,
+    cfg: GeneratorConfig,
     *,
     device: str | torch.device = "cpu",
     out_dir: str | os.PathLike | None = None,
@@ -243,7 +272,7 @@ def train_generator(
     model.fit_data(images, masks)
     model.to(device)
     optimizers = model.make_optimizers()
-    decay = getattr(cfg, "ema_decay", None)
+    decay = cfg.ema_decay
     target = model.ema_module()
     ema = AveragedModel(target, multi_avg_fn=_warm_ema(decay)) if decay and target is not None else None
     fingerprint = data_fingerprint(images, masks)

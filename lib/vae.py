@@ -31,7 +31,6 @@ The latent segmentation baseline (``train_latent_segmenter``) is described there
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -51,11 +50,11 @@ from tqdm.auto import tqdm
 from lib.env import autocast, grad_scaler
 from lib.generative import (
     Generative,
+    GeneratorConfig,
     ImageScaling,
     Step,
     TrainingCollapsed,
     check_pairs,
-    config_from_dict,
     epoch_indices,
     load_generator,
     one_hot,
@@ -64,32 +63,14 @@ from lib.generative import (
 
 
 @dataclass
-class VAEConfig:
-    """Hyper-parameters of a ``PairVAE`` and its training run."""
+class VAEConfig(GeneratorConfig):
+    """Hyper-parameters of a ``PairVAE`` (the training-run fields come from ``GeneratorConfig``)."""
 
-    image_size: int = 64
-    in_channels: int = 1
-    num_classes: int = 2
     latent_dim: int = 64
     base_channels: int = 32
     beta: float = 1.0
     kl_warmup_epochs: int = 10
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    time_budget_min: float | None = None
     mask_weight: float = 1.0
-    foreground_fraction: float | None = 0.5
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON- and checkpoint-safe)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
-        """Inverse of ``to_dict``; missing keys take defaults, unknown keys raise."""
-        return config_from_dict(cls, data)
 
 
 @dataclass

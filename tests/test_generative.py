@@ -8,21 +8,23 @@ import torch
 from torch import nn
 
 from lib import generative
-from lib.generative import Generative, Step, TrainingCollapsed, load_generator, train_generator
+from lib.generative import (
+    Generative,
+    GeneratorConfig,
+    Step,
+    TrainingCollapsed,
+    load_generator,
+    train_generator,
+)
 from tests.helpers import make_discs
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(GeneratorConfig):
     image_size: int = 16
-    in_channels: int = 1
-    num_classes: int = 2
     epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-2
-    seed: int = 0
-    time_budget_min: float | None = None
-    foreground_fraction: float | None = 0.5
     ema_decay: float | None = 0.9
 
 
