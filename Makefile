@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= demo
 RUN ?= runs/demo
-IMAGE_SIZE ?= 64
+PRESET ?= demo
+IMAGE_SIZE ?=
 PARAMS ?=
 NOTEBOOKS := 01_data_analysis 02_pspnet 03_fpn 04_unet 05_vae_synthesis
 
@@ -25,7 +26,7 @@ run: venv
 	mkdir -p $(RUN)/notebooks
 	for nb in $(NOTEBOOKS); do \
 		$(PY) -m papermill --cwd notebooks -k python3 notebooks/$$nb.ipynb $(RUN)/notebooks/$$nb.ipynb \
-			-p data "$(DATA)" -p run_dir "$(abspath $(RUN))" -p image_size $(IMAGE_SIZE) $(PARAMS) || exit 1; \
+			-p data "$(DATA)" -p run_dir "$(abspath $(RUN))" -p preset $(PRESET) $(if $(IMAGE_SIZE),-p image_size $(IMAGE_SIZE)) $(PARAMS) || exit 1; \
 	done
 	@echo "Executed notebooks, figures, checkpoints and metrics are in $(RUN)/; diary entries in diary.md"
 
@@ -43,7 +44,7 @@ bench: venv
 ## Patient-level k-fold cross-validation of notebook 04 (FOLDS folds, every patient tested once).
 FOLDS ?= 5
 cv: venv
-	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) -- -p image_size $(IMAGE_SIZE) $(PARAMS)
+	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) -- -p preset $(PRESET) $(if $(IMAGE_SIZE),-p image_size $(IMAGE_SIZE)) $(PARAMS)
 
 lint: venv
 	$(PY) -m ruff check lib tests tools bench notebooks

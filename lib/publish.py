@@ -32,6 +32,13 @@ FIGURES = ("data/*.png", "comparison.png", "*/curves.png", "*/patient_*.png", "*
 RECORDS = ("split.json", "*/metrics.json", "*/postprocessing.json", "*/history.json", "*/fit.json",
            "hp/*/fit.json", "hp/*/history.json", "generators/quality.json", "study/results.json",
            "study/summary.json", "cross_validation.csv")
+PUBLISHED_AS = {"generators": "synthesis"}  # run-folder sub-folders published under a reader's name
+
+
+def published_path(relative: Path) -> Path:
+    """Where a file of the run folder (path relative to it) goes in the results folder."""
+    head, *rest = relative.parts
+    return Path(PUBLISHED_AS.get(head, head), *rest)
 
 
 def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -133,9 +140,10 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
         written.append(write_text(out / "notebooks" / nb.name, clean_notebook(nb)))
     for path in _matches(run_dir, FIGURES):
         data = shrink_image(path.read_bytes())
-        written.append(write_with(out / path.relative_to(run_dir), lambda p, d=data: p.write_bytes(d)))
+        written.append(write_with(out / published_path(path.relative_to(run_dir)), lambda p, d=data: p.write_bytes(d)))
     for path in _matches(run_dir, RECORDS):
-        written.append(write_text(out / path.relative_to(run_dir), relative_paths(path.read_text(encoding="utf-8"))))
+        written.append(write_text(out / published_path(path.relative_to(run_dir)),
+                                  relative_paths(path.read_text(encoding="utf-8"))))
     written.append(write_text(out / "README.md", index_page(run_dir, out, dataset, command)))
     _check_sizes(out, written)
     return out
@@ -177,13 +185,29 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
     lines += _figure_links(out)
     quality = run_dir / "generators" / "quality.json"
     if quality.is_file():
-        lines += ["## Synthetic data quality", "", markdown_table(pd.DataFrame(read_json(quality)).T), ""]
+        lines += _quality_section(read_json(quality))
     study = run_dir / "study" / "results.json"
     if study.is_file():
         records = read_json(study)
         lines += ["## Synthetic-data study", "", markdown_table(study_table(records)), "",
                   markdown_table(study_conclusions(records), digits=2), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _quality_section(quality: dict[str, Any]) -> list[str]:
+    """The generators' quality table, their training runs and the sample grid."""
+    training = quality.get("training", {})
+    rows = {k: v for k, v in quality.items() if k not in ("training", "sample_grid")}
+    lines = ["## Synthetic data quality", "",
+             "Each generator's pairs against real slices of the validation and test patients "
+             "(`synthesis/quality.json`; the `real` row is training against held-out real slices).", "",
+             markdown_table(pd.DataFrame(rows).T), ""]
+    if training:
+        runs = {name: {"epochs": t["epochs"], "train minutes": t["train_minutes"]} for name, t in training.items()}
+        lines += ["Training runs (settings in `synthesis/quality.json`):", "", markdown_table(pd.DataFrame(runs).T, 1), ""]
+    if "sample_grid" in quality:
+        lines += [f"![real and synthetic pairs](synthesis/{quality['sample_grid']})", ""]
+    return lines
 
 
 def _figure_links(out: Path) -> list[str]:

@@ -19,7 +19,7 @@ from lib.paths import PROJECT_ROOT
 NB_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = sorted(p.stem for p in NB_DIR.glob("*.ipynb"))
 MODEL_NOTEBOOKS = ["02_pspnet", "03_fpn", "04_unet"]
-SHARED_NAMES = ["data", "run_dir", "split_file", "image_size", "seed"]
+SHARED_NAMES = ["data", "preset", "run_dir", "split_file", "image_size", "seed"]
 
 
 def cells(name, kind=None, folder=None):
@@ -129,3 +129,15 @@ def test_papermill_run_with_injected_parameters(tmp_path):
     assert (tmp_path / "run" / "data" / "statistics.png").is_file()
     text = out.read_text()
     assert "(8, 1, 32, 32)" in text and "'train': 4, 'val': 1, 'test': 1" in text
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_preset_sets_the_parameters_left_to_it(name):
+    """A parameter whose default is "from the preset" (None) gets a value from every preset."""
+    from lib.presets import PRESETS
+
+    params = next(c for c in cells(name, "code") if is_parameters(c)).source
+    left = [line.split(" = ")[0] for line in params.splitlines() if "from the preset" in line]
+    assert "image_size" in left
+    for preset, values in PRESETS.items():
+        assert not (missing := [k for k in left if k not in values]), f"{name}: preset {preset!r} lacks {missing}"

@@ -89,3 +89,22 @@ def test_publish_updates_an_existing_folder_file_by_file(tmp_path):
 def test_publish_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         publish.publish(tmp_path, results_root=tmp_path / "results")
+
+
+def test_generators_are_published_as_synthesis_with_their_quality_table(tmp_path):
+    run = fake_run(tmp_path, noise_png(64))
+    (run / "generators" / "spade_gan").mkdir(parents=True)
+    (run / "generators" / "spade_gan" / "spade_gan.pt").write_bytes(b"weights")
+    (run / "generators" / "samples.png").write_bytes(noise_png(64, seed=2))
+    row = {"frechet": 2.0, "frechet_ratio": 1.5, "sharpness_ratio": 1.0}
+    quality = {"real": row | {"frechet_ratio": 1.0}, "spade_gan": row,
+               "training": {"spade_gan": {"settings": {"lr": 2e-4}, "epochs": 12, "train_minutes": 15.0}},
+               "sample_grid": "samples.png"}
+    (run / "generators" / "quality.json").write_text(json.dumps(quality))
+    out = publish.publish(run, results_root=tmp_path / "results")
+    assert json.loads((out / "synthesis" / "quality.json").read_text()) == quality
+    assert (out / "synthesis" / "samples.png").is_file() and not (out / "generators").exists()
+    assert not list(out.rglob("*.pt"))
+    index = (out / "README.md").read_text()
+    assert "| spade_gan | 2.000 | 1.500 | 1.000 |" in index and "| training |" not in index
+    assert "| spade_gan | 12.0 | 15.0 |" in index and "(synthesis/samples.png)" in index

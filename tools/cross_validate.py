@@ -2,7 +2,7 @@
 
     python tools/cross_validate.py --data PATH --root runs/heart_cv [--folds 5] [--seed 0] \
         [--start-split runs/heart/split.json] [--notebook 04_unet --name unet] \
-        -- -p image_size 128 -p time_budget_min 15
+        -- -p preset cpu
 
 Writes ``<root>/fold_<i>/split_file.json`` (:func:`lib.splits.make_folds`: every patient
 is tested once), runs the notebook by papermill into ``<root>/fold_<i>/`` with that split

@@ -1,0 +1,21 @@
+"""Presets: one parameter sets several, and a parameter given a value wins."""
+
+import pytest
+
+from lib.presets import PRESETS, fill
+
+
+def test_fill_takes_only_the_parameters_left_at_none():
+    params = {"image_size": None, "epochs": 7, "tta": None, "unrelated": None}
+    assert fill("cpu", params) == {"image_size": PRESETS["cpu"]["image_size"], "tta": PRESETS["cpu"]["tta"]}
+    assert fill("demo", {"image_size": 96}) == {}
+
+
+def test_presets_differ_where_they_should():
+    assert PRESETS["demo"]["image_size"] < PRESETS["cpu"]["image_size"] < PRESETS["gpu"]["image_size"]
+    assert PRESETS["cpu"]["context_slices"] == 1 and PRESETS["cpu"]["tta"] is True
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'laptop'.*cpu"):
+        fill("laptop", {"image_size": None})
