@@ -132,13 +132,20 @@ class SPADEGAN(Generative):
         return {"loss": loss, "d_loss": d_loss, "adv": adv, "feature_match": feature_match, "l1": l1, "kl": kl}
 
     def check_epoch(self, row: dict[str, float], history: list[dict[str, Any]]) -> None:
-        recent = [*history[-(self.cfg.collapse_patience - 1):], row] if self.cfg.collapse_patience > 1 else [row]
-        if len(recent) >= self.cfg.collapse_patience and all(r["d_loss"] < self.cfg.collapse_d_loss for r in recent):
+        """Stop when the discriminator wins and the generator has stopped learning: the
+        discriminator's loss below ``collapse_d_loss`` in each of the last ``collapse_patience``
+        epochs (this one included) while neither the generator's L1 nor its feature-matching loss
+        came down over them. A discriminator that wins while the generator still improves is
+        left alone (least-squares losses keep the generator's gradients alive)."""
+        cfg, n = self.cfg, self.cfg.collapse_patience
+        recent = [*history, row][-n:]
+        stalled = all(row[k] >= recent[0][k] for k in ("l1", "feature_match"))
+        if len(recent) == n and all(r["d_loss"] < cfg.collapse_d_loss for r in recent) and stalled:
             raise TrainingCollapsed(
-                f"spade_gan: the discriminator wins (its loss below {self.cfg.collapse_d_loss} for "
-                f"{self.cfg.collapse_patience} epochs, generator adversarial loss {row['adv']:.3f} at epoch "
-                f"{row['epoch']}); training stopped, the checkpoint keeps epoch {row['epoch'] - 1}. Lower disc_lr "
-                "or raise feature_match_weight.")
+                f"spade_gan: the discriminator wins (its loss below {cfg.collapse_d_loss} for {n} epochs while "
+                f"L1 went from {recent[0]['l1']:.3f} to {row['l1']:.3f} and feature matching from "
+                f"{recent[0]['feature_match']:.3f} to {row['feature_match']:.3f}) at epoch {row['epoch']}; training "
+                f"stopped, the checkpoint keeps epoch {row['epoch'] - 1}. Lower disc_lr or raise feature_match_weight.")
 
 
 def train_gan(images: np.ndarray, masks: np.ndarray, cfg: SPADEGANConfig, *, device: str | torch.device = "cpu",

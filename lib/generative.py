@@ -224,12 +224,17 @@ def _warm_ema(decay: float):
     return update
 
 
-def _budget_spent(budget_min: float | None, t_start: float, session_rows: list[dict]) -> bool:
-    """True if another epoch (of the mean length so far) would overrun the time budget."""
-    if budget_min is None or not session_rows:
+def _budget_spent(budget_min: float | None, t_start: float, history: list[dict], first: int) -> bool:
+    """True if another epoch (of the mean length so far) would overrun the time budget.
+
+    The epochs of earlier sessions (``history[:first]``) count: a resumed run continues its
+    budget rather than getting a new one (raise ``time_budget_min`` to train longer).
+    """
+    if budget_min is None or not history:
         return False
-    mean_epoch = sum(r["seconds"] for r in session_rows) / len(session_rows)
-    return time.monotonic() - t_start + mean_epoch > 60 * budget_min
+    before = sum(r["seconds"] for r in history[:first])
+    mean_epoch = sum(r["seconds"] for r in history) / len(history)
+    return before + time.monotonic() - t_start + mean_epoch > 60 * budget_min
 
 
 def _checkpoint_path(cls: type[Generative], out_dir: str | os.PathLike | None) -> Path | None:
@@ -288,7 +293,7 @@ def train_generator(
     t_start, first = time.monotonic(), len(history)
     bar = tqdm(range(first + 1, cfg.epochs + 1), desc=cls.KIND, disable=not progress)
     for epoch in bar:
-        if _budget_spent(cfg.time_budget_min, t_start, history[first:]):
+        if _budget_spent(cfg.time_budget_min, t_start, history, first):
             bar.write(f"{cls.KIND}: time budget of {cfg.time_budget_min} min spent after epoch {epoch - 1}")
             break
         row, step = _train_epoch(model, ema, x_all, m_all, has_fg, optimizers, scaler, epoch, step)

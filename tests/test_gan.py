@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from lib import gan
 from lib.generative import TrainingCollapsed
@@ -46,13 +45,17 @@ def test_reload_gives_identical_images_and_resume_equals_a_straight_run(data, tm
     assert np.allclose(a, gan.generate_images(resumed, masks[:4], seed=3), atol=1e-4)
 
 
-def test_a_winning_discriminator_stops_training_and_keeps_the_last_good_epoch(data, tmp_path):
-    images, masks = data
-    always = dict(collapse_d_loss=10.0, collapse_patience=2)  # any discriminator loss counts as winning
-    gan.train_gan(images[:16], masks[:16], cfg(epochs=1, **always), out_dir=tmp_path, progress=False)
-    with pytest.raises(TrainingCollapsed, match="discriminator wins"):
-        gan.train_gan(images[:16], masks[:16], cfg(epochs=3, **always), out_dir=tmp_path, progress=False)
-    assert torch.load(tmp_path / "spade_gan.pt", weights_only=True)["epoch"] == 1  # epoch 2 was not saved
+def test_a_winning_discriminator_stops_training_only_when_the_generator_stalls():
+    model = gan.SPADEGAN(cfg(collapse_d_loss=0.01, collapse_patience=3))
+    row = lambda epoch, d, l1, fm: {"epoch": epoch, "d_loss": d, "l1": l1, "feature_match": fm, "adv": 1.0}  # noqa: E731
+    improving = [row(1, 0.005, 0.12, 0.15), row(2, 0.004, 0.11, 0.14)]
+    model.check_epoch(row(3, 0.003, 0.10, 0.13), improving)  # the generator still learns: go on
+    model.check_epoch(row(3, 0.003, 0.12, 0.13), improving)  # feature matching still falls: go on
+    model.check_epoch(row(3, 0.5, 0.2, 0.2), improving)  # the discriminator no longer wins
+    model.check_epoch(row(2, 0.003, 0.2, 0.2), improving[:1])  # not yet `collapse_patience` epochs
+    with pytest.raises(TrainingCollapsed, match="discriminator wins .*L1 went from 0.120 to 0.125.* at epoch 3; .*"
+                                                "keeps epoch 2"):
+        model.check_epoch(row(3, 0.003, 0.125, 0.16), improving)
 
 
 def test_untrained_generator_and_bad_sizes_are_refused():

@@ -99,6 +99,12 @@ def test_time_budget_and_mismatched_resume(data, tmp_path):
     _, history = train_generator(Toy, images, masks, ToyConfig(epochs=50, time_budget_min=1e-6),
                                  out_dir=tmp_path, progress=False)
     assert len(history) == 1  # one epoch always runs; the budget stops the rest
+    _, history = train_generator(Toy, images, masks, ToyConfig(epochs=50, time_budget_min=1e-6),
+                                 out_dir=tmp_path, progress=False)
+    assert len(history) == 1  # resumed: the budget was spent by the earlier session, no new epoch
+    _, history = train_generator(Toy, images, masks, ToyConfig(epochs=50, time_budget_min=1e-6 + 1),
+                                 out_dir=tmp_path, progress=False)
+    assert len(history) == 50  # a larger budget trains on
     with pytest.raises(ValueError, match="different config .*lr"):
         train_generator(Toy, images, masks, ToyConfig(lr=0.5), out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="other images/masks"):
