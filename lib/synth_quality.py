@@ -269,7 +269,9 @@ def quality_table(
 
     Every source is restricted to pairs with foreground (what synthetic pairs are made for:
     a real slice set that is mostly background would inflate every distance) and subsampled
-    to the same ``n`` slices (Frechet distances depend on n).
+    to the same ``n`` slices (Frechet distances depend on n); ``foreground_share`` says
+    which share of a source's pairs had foreground. A generator with fewer than 2 such
+    pairs gets a row of None (nothing to measure) instead of stopping the table.
     For a generator's samples: ``frechet`` (encoder features against the held-out slices)
     and ``frechet_ratio`` (to the real-to-real distance), ``sharpness_ratio`` (to the
     held-out slices), ``msssim_diversity``, ``nn_distance_median`` (RMSE to the nearest
@@ -294,16 +296,19 @@ def quality_table(
 
     rng = np.random.default_rng(seed)
     sources = {"train": train, "held-out": held_out, **generators}
+    shares = {name: float(np.asarray(ms).reshape(len(ms), -1).any(axis=1).mean()) for name, (_, ms) in sources.items()}
     sources = {name: with_foreground(*pair) for name, pair in sources.items()}
-    if empty := [name for name, (im, _) in sources.items() if len(im) < 2]:
-        raise ValueError(f"quality_table: fewer than 2 pairs with foreground in {empty}")
-    n = min([max_samples, *(len(im) for im, _ in sources.values())])
+    if empty := [name for name in ("train", "held-out") if len(sources[name][0]) < 2]:
+        raise ValueError(f"quality_table: fewer than 2 real slices with foreground in {empty}")
+    barren = {name for name in generators if len(sources[name][0]) < 2}  # nothing to measure: a row of None
+    n = min([max_samples, *(len(im) for name, (im, _) in sources.items() if name not in barren)])
     train_im, train_ms = _subsample(*sources["train"], n, rng)
     ref_im, ref_ms = _subsample(*sources["held-out"], n, rng)
     ref_feats = encoder_features(encoder, ref_im, device=device)
     real_frechet = frechet_distance(encoder_features(encoder, train_im, device=device), ref_feats)
     real = {
         "n": n,
+        "foreground_share": shares["held-out"],
         "frechet": real_frechet,
         "frechet_ratio": 1.0,
         "sharpness_ratio": sharpness_ratio(train_im, ref_im),
@@ -315,11 +320,17 @@ def quality_table(
     }
     table = {"real": real}
     for name in generators:
+        if name in barren:
+            table[name] = {"n": len(sources[name][0]), "foreground_share": shares[name]} | {
+                k: None for k in real if k not in ("n", "foreground_share")
+                and (k != "mask_novelty_median" or name in new_masks)}
+            continue
         im, ms = _subsample(*sources[name], n, rng)
         frechet = frechet_distance(encoder_features(encoder, im, device=device), ref_feats)
         agreement = mask_agreement(predict_fn, im, ms)
         row = {
             "n": n,
+            "foreground_share": shares[name],
             "frechet": frechet,
             "frechet_ratio": frechet / real_frechet if real_frechet > 0 else float("nan"),
             "sharpness_ratio": sharpness_ratio(im, ref_im),

@@ -124,7 +124,7 @@ def test_quality_table(data):
     table = quality_table((images, masks), held_out, {"blur": (blurred, masks), "copy": (images, masks)},
                           threshold_predictor, TinyEncoder(), new_masks={"blur"})
     assert list(table) == ["real", "blur", "copy"]
-    keys = {"n", "frechet", "frechet_ratio", "sharpness_ratio", "msssim_diversity", "nn_distance_median",
+    keys = {"n", "foreground_share", "frechet", "frechet_ratio", "sharpness_ratio", "msssim_diversity", "nn_distance_median",
             "mask_agreement", "mask_agreement_ratio"}
     assert set(table["copy"]) == keys and set(table["blur"]) == set(table["real"]) == keys | {"mask_novelty_median"}
     real, blur, copy = table["real"], table["blur"], table["copy"]
@@ -146,6 +146,11 @@ def test_quality_table_ignores_background_only_slices(data):
     padded_table = quality_table((images, masks), padded, {"copy": (images, masks)}, threshold_predictor,
                                  TinyEncoder())
     assert padded_table["copy"]["frechet"] == pytest.approx(plain["copy"]["frechet"])
-    with pytest.raises(ValueError, match="empty_gen"):
-        quality_table((images, masks), held_out, {"empty_gen": (images, np.zeros_like(masks))},
+    assert padded_table["real"]["foreground_share"] == pytest.approx(plain["real"]["foreground_share"] / 2)
+    table = quality_table((images, masks), held_out, {"empty_gen": (images, np.zeros_like(masks)),
+                                                      "copy": (images, masks)}, threshold_predictor, TinyEncoder())
+    assert table["empty_gen"]["foreground_share"] == 0 and table["empty_gen"]["frechet"] is None
+    assert table["copy"]["frechet"] == pytest.approx(plain["copy"]["frechet"])  # the empty source changes nothing
+    with pytest.raises(ValueError, match="real slices with foreground in \\['held-out'\\]"):
+        quality_table((images, masks), (held_out[0], np.zeros_like(held_out[1])), {"copy": (images, masks)},
                       threshold_predictor, TinyEncoder())
