@@ -245,7 +245,7 @@ def sources_grid(
         for ax, i in zip(row, pick_slices(masks, n)):
             ax.imshow(_show(images[i, 0]), cmap="gray")
             _contours(ax, masks[i], colours, 0.7)
-        row[0].set_ylabel(name, fontsize=9)
+        row[0].set_ylabel(name.replace(" (", "\n("), fontsize=9)  # long names on two lines
     if len(colours) > 1:
         _class_legend(fig, colours, class_names, preds=False)
     fig.suptitle(title)
