@@ -295,9 +295,9 @@ def quality_table(
     from lib.shapes import shape_statistics  # masks' novelty, as the shape model reports it
 
     rng = np.random.default_rng(seed)
-    sources = {"train": train, "held-out": held_out, **generators}
-    shares = {name: float(np.asarray(ms).reshape(len(ms), -1).any(axis=1).mean()) for name, (_, ms) in sources.items()}
-    sources = {name: with_foreground(*pair) for name, pair in sources.items()}
+    given = {"train": train, "held-out": held_out, **generators}
+    sources = {name: with_foreground(*pair) for name, pair in given.items()}
+    shares = {name: len(sources[name][0]) / max(len(pair[0]), 1) for name, pair in given.items()}
     if empty := [name for name in ("train", "held-out") if len(sources[name][0]) < 2]:
         raise ValueError(f"quality_table: fewer than 2 real slices with foreground in {empty}")
     barren = {name for name in generators if len(sources[name][0]) < 2}  # nothing to measure: a row of None
