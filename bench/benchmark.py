@@ -172,7 +172,7 @@ def inference(cache_dir: Path, ids: list[str], size: int, device: torch.device) 
         predict_probs(model, test.images[:8], device=device)  # warm-up
         t0 = time.perf_counter()
         for cid, meta in test.cases.items():
-            probs_to_volume(predict_probs(model, test.patient(cid).images, device=device), meta.shape)
+            probs_to_volume(predict_probs(model, test.patient(cid).images, device=device), meta)
         out[arch] = (time.perf_counter() - t0) / len(test.cases)
     return out
 

@@ -21,6 +21,7 @@ class AugmentConfig:
     flip: bool = True
     rotate_deg: float = 15.0
     scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = 0.1  # largest shift, as a share of the image side
     elastic_alpha: float = 0.03
     elastic_grid: int = 4
     brightness: float = 0.1
@@ -53,6 +54,9 @@ def spatial_grid(n: int, size: tuple[int, int], cfg: AugmentConfig, g: torch.Gen
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
+    if cfg.translate > 0:  # grid coordinates span [-1, 1]: a shift of t image sides is 2t
+        shift = _uniform(2 * n, -2 * cfg.translate, 2 * cfg.translate, g, device).view(n, 2)
+        theta[:, :, 2] = shift * draw().float()[:, None]
     grid = F.affine_grid(theta, (n, 1, *size), align_corners=False)
     if cfg.elastic_alpha > 0:
         coarse = torch.randn(n, 2, cfg.elastic_grid, cfg.elastic_grid, generator=g).to(device) * cfg.elastic_alpha

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from lib.atomic import read_json, write_json, write_with
-from lib.inference import predict_probs, probs_to_volume, save_prediction
+from lib.inference import patient_probs, probs_to_volume, save_prediction
 from lib.metrics import dice, per_slice_dice, score_case, summarise
 from lib.msd import load_nifti
 from lib.postprocess import keep_largest_component
+from lib.roi import Locator
 from lib.slices import SliceSet
 
 VARIANTS = {"plain": (False, False), "lcc": (False, True), "tta": (True, False), "tta+lcc": (True, True)}
@@ -46,6 +47,7 @@ def evaluate(
     tta: bool = False,
     largest_component: bool = False,
     compare_postprocessing: bool = True,
+    locator: Locator | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
@@ -55,6 +57,8 @@ def evaluate(
         labels: foreground class ids to score.
         tta, largest_component: post-processing used for the reported metrics.
         compare_postprocessing: also score the other TTA / largest-component variants.
+        locator: the region-of-interest stage of a model trained on crops; ``test`` then
+            holds whole canvas slices (see :func:`lib.inference.patient_probs`).
         extra: added to metrics.json (e.g. training time, parameters).
 
     Returns:
@@ -70,16 +74,16 @@ def evaluate(
         sl = test.patient(cid)
         truth = np.asarray(load_nifti(meta.label_path).dataobj).astype(np.uint8)
         t0 = time.perf_counter()
-        probs = {False: predict_probs(model, sl.images, device=device, tta=False)}
+        probs = {False: patient_probs(model, sl.images, locator=locator, device=device, case=cid)}
         plain_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         if tta or compare_postprocessing:
-            probs[True] = predict_probs(model, sl.images, device=device, tta=True)
+            probs[True] = patient_probs(model, sl.images, locator=locator, device=device, tta=True, case=cid)
         tta_seconds = time.perf_counter() - t0
         for name, (v_tta, v_lcc) in VARIANTS.items():
             if not (compare_postprocessing or name == chosen):
                 continue
-            volume = probs_to_volume(probs[v_tta], meta.shape)
+            volume = probs_to_volume(probs[v_tta], meta)
             if v_lcc:
                 volume = keep_largest_component(volume)
             scores = score_case(volume, truth, meta.spacing, labels)

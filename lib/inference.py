@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -11,10 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.atomic import atomic_path
+from lib.checkpoint import load_model
 from lib.env import autocast
 from lib.models import probabilities
+from lib.msd import load_nifti
 from lib.postprocess import flip_tta, keep_largest_component
-from lib.slices import CaseMeta
+from lib.roi import Locator, canvas_probs
+from lib.slices import (
+    CaseMeta,
+    SliceConfig,
+    SliceSet,
+    canvas_pads,
+    normalise_volume,
+    to_slices,
+    with_context,
+)
 
 
 @torch.inference_mode()
@@ -52,42 +64,36 @@ def predict_probs(
     return torch.cat(out)
 
 
-def probs_to_volume(probs: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resize slice probabilities back to the original in-plane size and take the argmax.
+def patient_probs(model: nn.Module, images: np.ndarray, *, locator: Locator | None = None,
+                  device: str | torch.device = "cpu", tta: bool = False, case: str = "") -> torch.Tensor:
+    """Class probabilities of one patient's cached slices (Z, C, S, S), on the cached grid.
+
+    With a ``locator`` (region of interest) the model segments the located crop of the
+    canvas, or the whole canvas in windows where nothing is found (see :mod:`lib.roi`).
+    """
+    predict = lambda x: predict_probs(model, x, device=device, tta=tta)  # noqa: E731
+    return predict(images) if locator is None else canvas_probs(predict, images, locator, case, device)
+
+
+def probs_to_volume(probs: torch.Tensor, meta: CaseMeta) -> np.ndarray:
+    """Bring slice probabilities back to the original in-plane geometry and take the argmax.
 
     Args:
-        probs: (Z, K, S, S) probabilities of one patient's slices in axial order.
-        shape: original volume shape (X, Y, Z).
+        probs: (Z, K, S, S) probabilities of one patient's cached slices in axial order.
+        meta: the patient's geometry: original shape (X, Y, Z) and, when the slices were
+            resampled to a target spacing, their size before the canvas (``resized``).
 
     Returns:
         uint8 label volume (X, Y, Z).
     """
-    x, y, z = shape
+    x, y, z = meta.shape
     if probs.shape[0] != z:
         raise ValueError(f"{probs.shape[0]} slices for a volume with {z} axial slices")
+    if meta.resized is not None:  # undo the canvas: crop it, or pad with zeros (argmax: background)
+        probs = F.pad(probs, [-w for w in canvas_pads(meta.resized, probs.shape[-1])], value=0.0)
     if probs.shape[-2:] != (x, y):
         probs = F.interpolate(probs, size=(x, y), mode="bilinear", align_corners=False)
     return probs.argmax(1).to(torch.uint8).numpy().transpose(1, 2, 0)
-
-
-def predict_volume(
-    model: nn.Module,
-    images: np.ndarray,
-    meta: CaseMeta,
-    *,
-    device: str | torch.device = "cpu",
-    tta: bool = False,
-    largest_component: bool = False,
-) -> np.ndarray:
-    """Predict one patient's label volume at its original resolution.
-
-    Args:
-        images: (Z, C, S, S) the patient's cached slices in axial order.
-        meta: the patient's geometry.
-    """
-    probs = predict_probs(model, images, device=device, tta=tta)
-    volume = probs_to_volume(probs, meta.shape)
-    return keep_largest_component(volume) if largest_component else volume
 
 
 def save_prediction(volume: np.ndarray, meta: CaseMeta, path: str | Path) -> Path:
@@ -98,3 +104,58 @@ def save_prediction(volume: np.ndarray, meta: CaseMeta, path: str | Path) -> Pat
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
     return Path(path)
+
+
+def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Locator | None, dict]:
+    """A checkpoint's model, its region-of-interest stage (None without one) and its settings."""
+    model, meta = load_model(path, device)
+    locator = Locator.from_state(meta["locator"], device) if meta.get("locator") else None
+    return model, locator, meta
+
+
+def segment_image(model: nn.Module, locator: Locator | None, data: dict[str, Any], image: np.ndarray,
+                  spacing: tuple[float, float, float], *, device: str | torch.device = "cpu", tta: bool = False,
+                  largest_component: bool = True, case: str = "") -> np.ndarray:
+    """Segment one scan with the preprocessing its checkpoint recorded (``data``: normalisation,
+    target spacing, canvas, region of interest, context slices).
+
+    Args:
+        image: float32 (C, X, Y, Z) raw intensities; spacing: its voxel size in mm.
+
+    Returns:
+        uint8 label volume (X, Y, Z) in the scan's own grid.
+    """
+    cfg = SliceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["slice_config"].items()})
+    images, _, resized = to_slices(normalise_volume(image, data["is_ct"], cfg), None, spacing, cfg)
+    z = len(images)
+    slices = with_context(SliceSet(images, np.zeros((z, 1, 1), np.uint8), np.full(z, case), np.arange(z), {}),
+                          data["context_slices"])
+    probs = patient_probs(model, slices.images, locator=locator, device=device, tta=tta, case=case)
+    meta = CaseMeta(case, image.shape[1:], spacing, np.eye(4), "", "", resized=resized if cfg.spacing else None)
+    volume = probs_to_volume(probs, meta)
+    return keep_largest_component(volume) if largest_component else volume
+
+
+def predict_nifti(checkpoint: str | Path, image_path: str | Path, out_path: str | Path, *,
+                  device: str | torch.device = "cpu", tta: bool = False) -> np.ndarray:
+    """Segment a NIfTI scan (no label needed) with a checkpoint, writing the mask with the
+    scan's affine.
+
+    Raises:
+        ValueError: the scan's channels differ from the checkpoint's.
+    """
+    model, locator, meta = load_predictor(checkpoint, device)
+    scan = load_nifti(image_path)
+    image = np.asarray(scan.dataobj, dtype=np.float32)
+    image = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)
+    channels = meta["data"]["in_channels"] // (2 * meta["data"]["context_slices"] + 1)
+    if image.shape[0] != channels:
+        raise ValueError(f"{image_path}: {image.shape[0]} channels, but {checkpoint} was trained on {channels}")
+    spacing = tuple(float(v) for v in scan.header.get_zooms()[:3])
+    volume = segment_image(model, locator, meta["data"], image, spacing, device=device, tta=tta,
+                           case=Path(image_path).name)
+    out = nib.Nifti1Image(volume, scan.affine)
+    out.header.set_zooms(spacing)
+    with atomic_path(out_path, suffix=".nii.gz") as tmp:
+        nib.save(out, tmp)
+    return volume

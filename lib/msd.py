@@ -138,6 +138,15 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, img.affine, img.header)
 
 
+def read_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and voxel size (mm) from a NIfTI header, without reading the voxels."""
+    try:
+        header = nib.load(Path(path)).header
+        return tuple(int(n) for n in header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise MSDDataError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
+
+
 def load_volume(task: Task, case: Case) -> Volume:
     """Load one case, checking its geometry and label values.
 

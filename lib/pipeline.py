@@ -7,15 +7,21 @@ when it is already there and fresh).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
 from lib.atomic import write_json
 from lib.data_source import resolve_task
-from lib.msd import Task
+from lib.msd import Task, read_geometry
 from lib.paths import run_dir as resolve_run_dir
-from lib.slices import SliceConfig, SliceSet, build_cache, load_slices, with_context
+from lib.roi import Box, Locator, box_around, crop_cases
+from lib.slices import SliceConfig, SliceSet, build_cache, load_slices, resampled_size, with_context
 from lib.splits import resolve_split
 
 
@@ -30,6 +36,8 @@ class Run:
     slice_cfg: SliceConfig
     seed: int
     context: int = 0
+    locator: Locator | None = None
+    boxes: dict[str, Box] | None = None
 
     @property
     def labels(self) -> list[int]:
@@ -47,10 +55,41 @@ class Run:
         return self.task.channels * (2 * self.context + 1)
 
     def slices(self, split: str, context: int | None = None) -> SliceSet:
-        """The cached slices of the patients of one split ("train", "val" or "test"), with
-        ``context`` neighbours on each side as channels (default: the run's)."""
+        """The network's input slices of the patients of one split ("train", "val" or "test"),
+        with ``context`` neighbours on each side as channels (default: the run's). With a
+        region of interest these are each patient's crop (see :meth:`use_locator`)."""
+        slices = self.canvas_slices(split, context)
+        if not self.slice_cfg.roi:
+            return slices
+        if self.boxes is None:
+            raise RuntimeError("this run crops a region of interest: train or load its locator first "
+                               "(segment.train_locator)")
+        return crop_cases(slices, self.boxes, self.slice_cfg.image_size)
+
+    def canvas_slices(self, split: str, context: int | None = None) -> SliceSet:
+        """The cached (whole, uncropped) slices of the patients of one split."""
         return with_context(load_slices(self.cache_dir, self.split[split]),
                             self.context if context is None else context)
+
+    def use_locator(self, model: nn.Module, device: str | torch.device = "cpu") -> dict[str, Box]:
+        """Set the region-of-interest stage: training patients are cropped around their
+        labels, every other patient around what ``model`` finds (the canvas centre, with a
+        message, where it finds nothing).
+
+        Returns:
+            The crop of every patient (top-left corner on the canvas).
+        """
+        size, train = self.slice_cfg.image_size, set(self.split["train"])
+        self.locator = Locator(model, size, self.task.channels, self.context)
+        centre = (self.slice_cfg.cached_size - size) // 2
+        self.boxes = {}
+        for case in self.task.cases:
+            sl = with_context(load_slices(self.cache_dir, [case.case_id]), self.context)
+            box = box_around(sl.masks, size) if case.case_id in train else self.locator.find(sl.images, device)
+            if box is None:
+                print(f"{case.case_id}: the region-of-interest stage found no structure; using the canvas centre")
+            self.boxes[case.case_id] = box or (centre, centre)
+        return self.boxes
 
     def all_slices(self) -> SliceSet:
         """The cached slices of every patient of the task."""
@@ -65,6 +104,8 @@ class Run:
             "task": self.task.root.name,
             "image_size": self.slice_cfg.image_size,
             "slice_key": self.slice_cfg.key(),
+            "slice_config": asdict(self.slice_cfg),
+            "is_ct": self.task.is_ct,
             "in_channels": self.task.channels * (2 * context + 1),
             "context_slices": context,
             "num_classes": self.task.num_classes,
@@ -81,6 +122,8 @@ def prepare_run(
     seed: int = 0,
     *,
     context: int = 0,
+    spacing: float | str | None = None,
+    roi: bool = False,
     workers: int = 2,
     progress: bool = True,
 ) -> Run:
@@ -94,13 +137,35 @@ def prepare_run(
         seed: seed of the patient split.
         context: neighbouring slices on each side fed to segmentation networks as extra
             channels (2.5D; 0: single slices). Generative models use single slices.
+        spacing: in-plane spacing (mm) every scan is resampled to; "median": the task's
+            median (as nnU-Net); None: whole slices resized to ``image_size``.
+        roi: the networks see ``image_size`` crops around the structure (:mod:`lib.roi`) of
+            a canvas that holds every scan's whole field of view.
     """
     out = resolve_run_dir(run_dir)
     task = resolve_task(data)
-    cfg = SliceConfig(image_size=image_size)
+    cfg = slice_config(task, image_size, spacing, roi)
     cache_dir = build_cache(task, out / "cache", cfg, workers=workers, progress=progress)
     split = resolve_split(out, [c.case_id for c in task.cases], seed, split_file)
     run = Run(task, out, cache_dir, split, cfg, seed, context)
     write_json(out / "run.json", {"data": str(data), "task_dir": str(task.root), "slice_config": asdict(cfg),
                                   "cache_dir": str(cache_dir), **run.data_settings()})
     return run
+
+
+def slice_config(task: Task, image_size: int, spacing: float | str | None = None, roi: bool = False) -> SliceConfig:
+    """The slice settings for ``task``, with "median" spacing and the ROI canvas (the largest
+    field of view at that spacing, in multiples of 32 pixels) read from the image headers."""
+    if spacing is None:
+        return SliceConfig(image_size=image_size, roi=roi)
+    geometry = [read_geometry(case.image) for case in task.cases]
+    if spacing == "median":
+        spacing = round(float(np.median([min(zooms[:2]) for _, zooms in geometry])), 4)
+    elif isinstance(spacing, str):
+        raise ValueError(f"spacing={spacing!r}: give a number of mm, 'median' or None")
+    cfg = SliceConfig(image_size=image_size, spacing=float(spacing))
+    if not roi:
+        return cfg
+    extent = max(max(resampled_size(shape[:2], zooms[:2], cfg)) for shape, zooms in geometry)
+    return SliceConfig(image_size=image_size, spacing=float(spacing), roi=True,
+                       canvas=max(image_size, 32 * math.ceil(extent / 32)))

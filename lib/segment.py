@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 
 from lib.atomic import read_json
 from lib.checkpoint import check_compatible, load_model
+from lib.env import get_device
 from lib.evaluate import evaluate
 from lib.inference import predict_probs
 from lib.models import ModelConfig, count_parameters
 from lib.pipeline import Run
+from lib.roi import LOCATOR_SIZE, locator_config, locator_slices
 from lib.train import FitResult, TrainConfig, fit
 from lib.viz import curves, patient_gif, patient_grid, save_figure
 
@@ -41,10 +43,29 @@ def train_model(run: Run, name: str, model_cfg: ModelConfig, train_cfg: TrainCon
 
     ``keep``: "best" keeps ``best.pt`` after training, "none" only the record (see :func:`fit`).
     """
+    attach = {"locator": run.locator.state()} if run.locator else None
     result = fit(run.slices("train"), run.slices("val"), model_cfg, train_cfg, run.run_dir / name,
-                 run.data_settings(), keep=keep, progress=progress)
+                 run.data_settings(), keep=keep, attach=attach, progress=progress)
     save_figure(curves(result.history, f"{name}: {model_cfg.arch} / {model_cfg.encoder_name}"),
                 run.run_dir / name / "curves.png")
+    return result
+
+
+def train_locator(run: Run, train_cfg: TrainConfig, minutes: float, *, progress: bool = True) -> FitResult | None:
+    """Train (or reuse) the run's region-of-interest stage in ``<run_dir>/locator/`` and set
+    it on the run (:meth:`lib.pipeline.Run.use_locator`); nothing without ``roi``.
+
+    The locator segments the structure (all classes as one) on the whole canvas at
+    ``LOCATOR_SIZE`` pixels for ``minutes``; it is shared by every model of the run.
+    """
+    if not run.slice_cfg.roi:
+        return None
+    data = run.data_settings(0) | {"image_size": LOCATOR_SIZE, "num_classes": 2, "labels": {"0": "background",
+                                                                                              "1": "structure"}}
+    result = fit(locator_slices(run.canvas_slices("train", 0)), locator_slices(run.canvas_slices("val", 0)),
+                 locator_config(run.task.channels), replace(train_cfg, time_budget_min=minutes, patience=None),
+                 run.run_dir / "locator", data, progress=progress)
+    run.use_locator(result.model, get_device(train_cfg.device))
     return result
 
 
@@ -98,6 +119,8 @@ def max_prediction_difference(a: torch.nn.Module, b: torch.nn.Module, images: np
 def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any], *, tta: bool = False,
                largest_component: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Score the model on the test patients; writes ``<name>/metrics.json`` and predictions."""
+    if run.slice_cfg.roi and run.locator is None:
+        raise RuntimeError("this run crops a region of interest: call segment.train_locator(run, ...) first")
     history = read_json(run.run_dir / name / "history.json")
     extra = {
         "model": name,
@@ -110,8 +133,8 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
         "image_size": run.slice_cfg.image_size,
         "split": {k: run.split[k] for k in ("train", "val", "test")},
     }
-    return evaluate(model, run.slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
-                    largest_component=largest_component, extra=extra)
+    return evaluate(model, run.canvas_slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
+                    largest_component=largest_component, locator=run.locator, extra=extra)
 
 
 def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *,

@@ -1,7 +1,10 @@
 """Volume -> normalised, resized 2D axial slices, cached once per patient.
 
 Each patient becomes one compressed ``<case_id>.npz`` holding float16 images
-(Z, C, S, S), uint8 masks (Z, S, S) and its geometry. The cache folder is named by
+(Z, C, S, S), uint8 masks (Z, S, S) and its geometry. Without a target spacing every
+slice is resized to S x S whole; with one (nnU-Net resamples to the dataset's median
+spacing) it is resampled to that in-plane spacing and centred on an S x S canvas, so a
+pixel means the same millimetres for every scan. The cache folder is named by
 a hash of the conversion settings, and every file stores those settings and the
 source files' size and mtime: a cache built for other settings or other source
 files is rebuilt, never silently reused.
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path
-from lib.msd import Case, MSDDataError, Task, Volume, load_volume
+from lib.msd import Case, MSDDataError, Task, Volume, load_volume, read_geometry
 
 CACHE_VERSION = 1
 HIST_BINS = np.linspace(-4.0, 6.0, 101)
@@ -37,15 +40,37 @@ class SliceConfig:
             then z-scored.
         ct_window: CT intensities (HU) are clipped to this window, then scaled to
             about [-1, 1].
+        spacing: target in-plane spacing in mm; None resizes each whole slice to the
+            cache size (squashing non-square slices).
+        canvas: side of the cached slices when resampling to ``spacing`` (None:
+            ``image_size``); larger than ``image_size`` with ``roi``.
+        roi: the network sees ``image_size`` crops of the canvas around the structure, found
+            by a coarse localisation model (:mod:`lib.roi`); does not change the cache.
     """
 
     image_size: int = 128
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     ct_window: tuple[float, float] = (-160.0, 240.0)
+    spacing: float | None = None
+    canvas: int | None = None
+    roi: bool = False
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and not self.spacing > 0:
+            raise ValueError(f"spacing must be a positive number of mm, got {self.spacing!r}")
+        if self.canvas is not None and (self.spacing is None or self.canvas < self.image_size):
+            raise ValueError(f"canvas {self.canvas} needs a spacing and must be at least image_size {self.image_size}")
+        if self.roi and self.spacing is None:
+            raise ValueError("roi=True needs a target spacing (e.g. spacing='median'): crops are cut in millimetres")
+
+    @property
+    def cached_size(self) -> int:
+        """Side of the cached slices: the canvas, or the network's input size."""
+        return self.canvas or self.image_size
 
     def key(self) -> str:
-        """Short hash naming a cache built with these settings."""
-        blob = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        """Short hash naming a cache built with these settings (``roi`` does not change it)."""
+        blob = json.dumps({"v": CACHE_VERSION, **asdict(self), "roi": None}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
@@ -60,6 +85,7 @@ class CaseMeta:
     image_path: str
     label_path: str
     stats: dict = field(default_factory=dict)
+    resized: tuple[int, int] | None = None  # in-plane size at the target spacing, before the canvas
 
 
 @dataclass
@@ -147,22 +173,62 @@ def normalise_volume(image: np.ndarray, is_ct: bool, cfg: SliceConfig) -> np.nda
     return out
 
 
-def resize_slices(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize every axial slice to (size, size).
+def resampled_size(shape_xy: tuple[int, int], spacing_xy: tuple[float, float], cfg: SliceConfig) -> tuple[int, int]:
+    """In-plane size of a slice after resampling: (S, S) without a target spacing."""
+    if cfg.spacing is None:
+        return cfg.image_size, cfg.image_size
+    return tuple(max(1, round(n * s / cfg.spacing)) for n, s in zip(shape_xy, spacing_xy))
+
+
+def canvas_pads(resized: tuple[int, int], canvas: int) -> tuple[int, int, int, int]:
+    """``F.pad`` widths (last axis first) centring a ``resized`` slice on a canvas;
+    negative widths crop. Their negation undoes them."""
+    (dx, dy) = (canvas - resized[0], canvas - resized[1])
+    return dy // 2, dy - dy // 2, dx // 2, dx - dx // 2
+
+
+def check_resampling(path: str | Path, shape: tuple[int, ...], spacing: tuple[float, ...], channels: int,
+                     cfg: SliceConfig, limit_gb: float = 4.0) -> tuple[int, int]:
+    """The resampled in-plane size, or MSDDataError before anything is computed when the
+    resampled volume (float32) would need more than ``limit_gb``."""
+    rx, ry = resampled_size(shape[:2], spacing[:2], cfg)
+    gb = rx * ry * shape[2] * channels * 4 / 1e9
+    if gb > limit_gb:
+        raise MSDDataError(
+            f"{path}: resampling {shape[0]}x{shape[1]} pixels of {spacing[0]:.3g}x{spacing[1]:.3g} mm to "
+            f"{cfg.spacing} mm gives {rx}x{ry} per slice, {gb:.1f} GB for {shape[2]} slices (limit {limit_gb} GB); "
+            "choose a coarser spacing")
+    return rx, ry
+
+
+def to_slices(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, float, float],
+              cfg: SliceConfig) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """Axial slices at the cache's geometry.
 
     Args:
-        image: float32 (C, X, Y, Z); bilinear with antialiasing.
-        label: uint8 (X, Y, Z); nearest neighbour.
+        image: float32 (C, X, Y, Z) normalised; bilinear with antialiasing.
+        label: uint8 (X, Y, Z) or None; nearest neighbour.
 
     Returns:
-        images float16 (Z, C, S, S) and masks uint8 (Z, S, S).
+        images float16 (Z, C, S, S), masks uint8 (Z, S, S) or None, and the in-plane size
+        at the target spacing (S = ``cfg.cached_size``; outside the scan the canvas holds
+        the volume's minimum intensity and background).
     """
+    resized = resampled_size(image.shape[1:3], spacing[:2], cfg)
     img = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
-    lab = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))[:, None].float()
-    if img.shape[-2:] != (size, size):
-        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
-    return img.half().numpy(), lab[:, 0].to(torch.uint8).numpy()
+    if img.shape[-2:] != resized:
+        img = F.interpolate(img, size=resized, mode="bilinear", antialias=True, align_corners=False)
+    lab = None
+    if label is not None:
+        lab = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))[:, None].float()
+        if lab.shape[-2:] != resized:
+            lab = F.interpolate(lab, size=resized, mode="nearest-exact")
+    if cfg.spacing is not None:
+        pads = canvas_pads(resized, cfg.cached_size)
+        img = F.pad(img, pads, value=float(img.min()) if img.numel() else 0.0)
+        lab = None if lab is None else F.pad(lab, pads, value=0.0)
+    masks = None if lab is None else lab[:, 0].to(torch.uint8).numpy()
+    return img.half().numpy(), masks, resized
 
 
 def volume_stats(volume: Volume, normalised: np.ndarray) -> dict:
@@ -188,10 +254,13 @@ def _fingerprint(case: Case, cfg: SliceConfig) -> str:
 
 def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Path:
     """Convert one patient to its cache file (written atomically)."""
+    if cfg.spacing is not None:
+        check_resampling(case.image, *read_geometry(case.image), task.channels, cfg)
     volume = load_volume(task, case)
     norm = normalise_volume(volume.image, task.is_ct, cfg)
-    images, masks = resize_slices(norm, volume.label, cfg.image_size)
+    images, masks, resized = to_slices(norm, volume.label, volume.spacing, cfg)
     meta = {
+        "resized": list(resized) if cfg.spacing is not None else None,
         "fingerprint": _fingerprint(case, cfg),
         "case_id": case.case_id,
         "shape": list(volume.label.shape),
@@ -208,8 +277,8 @@ def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Pa
 
 
 def cache_dir_for(root: str | Path, task: Task, cfg: SliceConfig) -> Path:
-    """``root/<task name>_<size>px_<settings hash>``."""
-    return Path(root) / f"{task.root.name}_{cfg.image_size}px_{cfg.key()}"
+    """``root/<task name>_<cached size>px_<settings hash>``."""
+    return Path(root) / f"{task.root.name}_{cfg.cached_size}px_{cfg.key()}"
 
 
 def _is_fresh(path: Path, case: Case, cfg: SliceConfig) -> bool:
@@ -267,6 +336,7 @@ def load_slices(cache_dir: str | Path, case_ids: list[str]) -> SliceSet:
         cases[case_id] = CaseMeta(
             case_id, tuple(meta["shape"]), tuple(meta["spacing"]), np.array(meta["affine"]),
             meta["image_path"], meta["label_path"], meta["stats"],
+            tuple(meta["resized"]) if meta.get("resized") else None,
         )
     if not images:
         raise MSDDataError(f"{cache_dir}: no patients requested")

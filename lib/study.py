@@ -76,7 +76,7 @@ def score_slices(pred_probs: torch.Tensor, test: SliceSet, truths: dict[str, np.
     out = {}
     for cid, meta in test.cases.items():
         sel = torch.from_numpy(test.case_ids == cid)
-        volume = probs_to_volume(pred_probs[sel], meta.shape)
+        volume = probs_to_volume(pred_probs[sel], meta)
         out[cid] = float(np.nanmean([dice(volume, truths[cid], k) for k in labels]))
     return out
 

@@ -159,6 +159,7 @@ def fit(
     data: dict[str, Any],
     *,
     keep: str = "best",
+    attach: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train (or resume, or reuse a finished run of) a model in ``out_dir``.
@@ -171,6 +172,8 @@ def fit(
         data: data settings stored with the checkpoints (image_size, labels, split...).
         keep: "best" keeps ``best.pt`` when training ends; "none" keeps only the record
             (``fit.json``, ``history.json``), for trials whose model is not used again.
+        attach: stored in every checkpoint as is (e.g. the region-of-interest stage the
+            model needs for prediction).
 
     Raises:
         FloatingPointError: the loss became NaN/inf; ``last.pt`` still holds the last
@@ -188,7 +191,7 @@ def fit(
         return _finished(done, model_cfg, data)
     seed_everything(cfg.seed)
     run = _Trainer(model_cfg, cfg, data, steps_per_epoch=max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size)),
-                   pretrained=not last.exists())
+                   pretrained=not last.exists(), attach=attach)
     if last.exists():
         run.restore(last)
     train_x = torch.from_numpy(train.images).to(run.device)
@@ -243,8 +246,9 @@ class _Trainer:
     """The mutable state of one training run: model, optimiser, schedule, RNGs, history."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: dict[str, Any], steps_per_epoch: int,
-                 pretrained: bool = True) -> None:
+                 pretrained: bool = True, attach: dict[str, Any] | None = None) -> None:
         self.model_cfg, self.cfg, self.data, self.steps = model_cfg, cfg, data, steps_per_epoch
+        self.attach = attach or {}
         self.device = get_device(cfg.device)
         # A resumed run loads its weights from last.pt: no pretrained download needed.
         built = model_cfg if pretrained else replace(model_cfg, encoder_weights=None)
@@ -331,7 +335,7 @@ class _Trainer:
         """Append the epoch to the history; save best.pt (if better), last.pt and history.json."""
         self.epoch = row["epoch"]
         self.history.append(row)
-        meta = {"history": self.history, "train_seconds": self.spent, "train_config": self.cfg.to_dict()}
+        meta = {"history": self.history, "train_seconds": self.spent, "train_config": self.cfg.to_dict(), **self.attach}
         if row["val_dice"] > self.best_dice:
             self.best_dice, self.best_epoch = row["val_dice"], self.epoch
             save_checkpoint(out_dir / "best.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,

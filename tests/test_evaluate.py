@@ -9,10 +9,10 @@ import torch
 
 from lib.evaluate import evaluate, metrics_table, postprocessing_table
 from lib.inference import probs_to_volume
-from lib.metrics import summarise
+from lib.metrics import dice, summarise
 from lib.models import ModelConfig, build_model
 from lib.msd import read_task
-from lib.slices import SliceConfig, build_cache, load_slices
+from lib.slices import CaseMeta, SliceConfig, build_cache, load_slices, to_slices
 from lib.viz import patient_gif, patient_grid
 from tests.helpers import make_task
 
@@ -63,9 +63,22 @@ class Oracle(torch.nn.Module):
 def test_probs_to_volume_restores_original_geometry():
     probs = torch.zeros(8, 2, 32, 32)
     probs[:, 1, 8:24, 8:24] = 1
-    volume = probs_to_volume(probs, (40, 36, 8))
+    volume = probs_to_volume(probs, CaseMeta("p", (40, 36, 8), (1, 1, 1), np.eye(4), "", ""))
     assert volume.shape == (40, 36, 8) and volume.dtype == np.uint8
     assert volume[20, 18, 3] == 1 and volume[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("shape,spacing,canvas", [((60, 44, 3), (1.5, 1.0), 48), ((60, 60, 2), (0.8, 0.8), 32)])
+def test_resampled_canvas_maps_back_to_the_original_grid(shape, spacing, canvas):
+    """Slices resampled to 1.25 mm on a canvas (cropped or padded) return to the original grid."""
+    label = np.zeros(shape, np.uint8)
+    label[shape[0] // 4:shape[0] // 2, shape[1] // 3:2 * shape[1] // 3] = 1
+    cfg = SliceConfig(image_size=16, spacing=1.25, canvas=canvas)
+    _, masks, resized = to_slices(np.zeros((1, *shape), np.float32), label, (*spacing, 2.0), cfg)
+    probs = torch.from_numpy(np.eye(2, dtype=np.float32)[masks]).permute(0, 3, 1, 2)
+    back = probs_to_volume(probs, CaseMeta("p", shape, (*spacing, 2.0), np.eye(4), "", "", resized=resized))
+    assert back.shape == shape
+    assert dice(back, label, 1) > 0.9
 
 
 def test_evaluate_writes_scores_and_nifti(test_set, tmp_path):

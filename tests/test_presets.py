@@ -12,8 +12,10 @@ def test_fill_takes_only_the_parameters_left_at_none():
 
 
 def test_presets_differ_where_they_should():
-    assert PRESETS["demo"]["image_size"] < PRESETS["cpu"]["image_size"] < PRESETS["gpu"]["image_size"]
+    assert PRESETS["demo"]["image_size"] < PRESETS["cpu"]["image_size"] <= PRESETS["gpu"]["image_size"]
     assert PRESETS["cpu"]["context_slices"] == 1 and PRESETS["cpu"]["tta"] is True
+    assert not PRESETS["demo"]["roi"] and PRESETS["cpu"]["roi"] and PRESETS["cpu"]["spacing"] == "median"
+    assert all(p["roi_minutes"] < p["time_budget_min"] for p in PRESETS.values())
 
 
 def test_unknown_preset_is_refused():

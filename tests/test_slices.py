@@ -12,7 +12,7 @@ from lib.slices import (
     concat,
     load_slices,
     normalise_volume,
-    resize_slices,
+    to_slices,
     with_context,
 )
 from tests.helpers import make_task
@@ -37,10 +37,35 @@ def test_resize_keeps_labels_and_shapes():
     image = np.random.default_rng(0).normal(size=(2, 40, 30, 5)).astype(np.float32)
     label = np.zeros((40, 30, 5), np.uint8)
     label[10:30, 5:25, 2] = 2
-    imgs, masks = resize_slices(image, label, 16)
+    imgs, masks, resized = to_slices(image, label, (1.0, 1.0, 1.0), SliceConfig(image_size=16))
+    assert resized == (16, 16)
     assert imgs.shape == (5, 2, 16, 16) and imgs.dtype == np.float16
     assert masks.shape == (5, 16, 16) and masks.dtype == np.uint8
     assert set(np.unique(masks)) == {0, 2} and masks[2].any() and not masks[0].any()
+
+
+def test_spacing_resamples_in_millimetres_onto_a_centred_canvas():
+    image = np.zeros((1, 40, 20, 3), np.float32)
+    label = np.zeros((40, 20, 3), np.uint8)
+    label[10:30, 5:15] = 1  # 20 x 10 pixels of 2 x 1 mm: 40 x 10 mm
+    cfg = SliceConfig(image_size=16, spacing=2.0, canvas=48)
+    imgs, masks, resized = to_slices(image - 1, label, (2.0, 1.0, 3.0), cfg)
+    assert resized == (40, 10) and imgs.shape == (3, 1, 48, 48)
+    rows, cols = np.nonzero(masks[0])
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (20, 5)  # 40 x 10 mm at 2 mm
+    assert imgs[0, 0, 0, 0] == -1  # outside the scan: the volume's minimum
+
+
+def test_spacing_that_would_blow_up_memory_is_refused_before_loading(task, tmp_path):
+    from lib.msd import MSDDataError
+    from lib.slices import check_resampling
+
+    cfg = SliceConfig(image_size=16, spacing=0.05)
+    with pytest.raises(MSDDataError, match=r"img\.nii\.gz: resampling 512x512 .* choose a coarser spacing"):
+        check_resampling("img.nii.gz", (512, 512, 200), (1.0, 1.0, 1.0), 1, cfg)
+    assert check_resampling("img.nii.gz", (512, 512, 200), (1.0, 1.0, 1.0), 1, SliceConfig(spacing=2.0)) == (256, 256)
+    with pytest.raises(ValueError, match="roi=True needs a target spacing"):
+        SliceConfig(roi=True)
 
 
 def test_cache_roundtrip_and_reuse(task, tmp_path):
