@@ -166,6 +166,8 @@ def slice_config(task: Task, image_size: int, spacing: float | str | None = None
     cfg = SliceConfig(image_size=image_size, spacing=float(spacing))
     if not roi:
         return cfg
-    extent = max(max(resampled_size(shape[:2], zooms[:2], cfg)) for shape, zooms in geometry)
-    return SliceConfig(image_size=image_size, spacing=float(spacing), roi=True,
-                       canvas=max(image_size, 32 * math.ceil(extent / 32)))
+    canvas = 32 * math.ceil(max(max(resampled_size(shape[:2], zooms[:2], cfg)) for shape, zooms in geometry) / 32)
+    if canvas <= image_size:  # every scan fits in one crop: no region of interest to find
+        print(f"every scan fits in {canvas} px at {spacing} mm: whole slices at {canvas} px, no region of interest")
+        return SliceConfig(image_size=canvas, spacing=float(spacing))
+    return SliceConfig(image_size=image_size, spacing=float(spacing), roi=True, canvas=canvas)

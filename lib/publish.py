@@ -149,6 +149,54 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
     return out
 
 
+CV_FILES = ("split_file.json", "{name}/metrics.json", "{name}/history.json", "{name}/fit.json", "locator/history.json",
+            "locator/fit.json")
+
+
+def publish_cross_validation(root: str | Path, name: str, dataset: str, results_root: str | Path = RESULTS_ROOT,
+                             *, command: str | None = None) -> Path:
+    """Publish a cross-validation (``tools/cross_validate.py``) to ``results/<dataset>/cross_validation/``:
+    the per-patient table, each fold's executed notebook, records and curves, and an index.
+
+    Raises:
+        FileNotFoundError: ``root`` holds no ``cross_validation.csv``.
+    """
+    from lib.segment import cross_validation_table
+
+    root = Path(root)
+    if not (root / "cross_validation.csv").is_file():
+        raise FileNotFoundError(f"{root}: no cross_validation.csv; run tools/cross_validate.py first")
+    out = Path(results_root) / dataset / "cross_validation"
+    folds = sorted(p for p in root.glob("fold_*") if (p / name / "metrics.json").is_file())
+    written = [write_text(out / "cross_validation.csv", (root / "cross_validation.csv").read_text())]
+    for fold in folds:
+        for pattern in CV_FILES:
+            path = fold / pattern.format(name=name)
+            if path.is_file():
+                written.append(write_text(out / fold.name / path.relative_to(fold), relative_paths(path.read_text())))
+        for nb in fold.glob("*.ipynb"):
+            written.append(write_text(out / fold.name / nb.name, clean_notebook(nb)))
+        curves = fold / name / "curves.png"
+        if curves.is_file():
+            data = shrink_image(curves.read_bytes())
+            written.append(write_with(out / fold.name / name / "curves.png", lambda p, d=data: p.write_bytes(d)))
+    table = cross_validation_table(folds, name)
+    lines = [f"# Cross-validation: {name} on {dataset}", "",
+             f"{len(folds)} folds, every patient tested once by a model that never saw it. Made by:", "", "```bash",
+             relative_paths(command or f"python tools/cross_validate.py --root {root}"), "```", "",
+             "Per test patient: 3D Dice at the original resolution (largest component kept), HD95 in mm, the Dice "
+             "with flip TTA, and the fold's best validation Dice and epochs.", "", markdown_table(table), "",
+             f"**Mean over {len(table)} patients: Dice {table['dice'].mean():.3f} ± {table['dice'].std():.3f} (sd), "
+             f"with flip TTA {table['dice_tta'].mean():.3f} (lowest patient {table['dice_tta'].min():.3f}), "
+             f"HD95 {table['hd95_mm'].mean():.1f} mm.**", "",
+             "Each fold's executed notebook, records (`metrics.json`, `history.json`, `fit.json`, the locator's) and "
+             "curves are in its `fold_<i>/` folder:", "",
+             *[f"- [{f.name}]({f.name}/)" for f in folds], ""]
+    written.append(write_text(out / "README.md", "\n".join(lines)))
+    _check_sizes(out.parent, written)
+    return out
+
+
 def _check_sizes(out: Path, written: list[Path]) -> None:
     big = [f"{p} ({p.stat().st_size / 2**20:.1f} MB)" for p in written if p.stat().st_size > MAX_FILE_BYTES]
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -182,6 +230,9 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
                   "checkpoint. Per-patient scores: `<model>/metrics.json`.", "", markdown_table(table), ""]
         if (out / "comparison.png").is_file():
             lines += ["![model comparison](comparison.png)", ""]
+    if (out / "cross_validation" / "README.md").is_file():
+        lines += ["## Cross-validation", "", "[cross_validation/](cross_validation/README.md): every patient tested "
+                  "once, with the per-fold records.", ""]
     lines += _figure_links(out)
     quality = run_dir / "generators" / "quality.json"
     if quality.is_file():

@@ -108,3 +108,23 @@ def test_generators_are_published_as_synthesis_with_their_quality_table(tmp_path
     index = (out / "README.md").read_text()
     assert "| spade_gan | 2.000 | 1.500 | 1.000 |" in index and "| training |" not in index
     assert "| spade_gan | 12.0 | 15.0 |" in index and "(synthesis/samples.png)" in index
+
+
+def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path):
+    root = tmp_path / "cv"
+    for fold, cases in enumerate([["a", "b"], ["c"]]):
+        out = root / f"fold_{fold}" / "unet"
+        out.mkdir(parents=True)
+        scores = {c: {"dice": 0.8 + 0.05 * i, "hd95": 4.0} for i, c in enumerate(cases)}
+        (out / "metrics.json").write_text(json.dumps({"cases": scores, "best_val_dice": 0.9, "epochs_trained": 9}))
+        (out / "postprocessing.json").write_text(json.dumps({"tta+lcc": {"cases": {c: {"dice": 0.85} for c in cases}}}))
+        (out / "history.json").write_text("[]")
+        (out / "last.pt").write_bytes(b"weights")
+    (root / "cross_validation.csv").write_text("patient,dice\na,0.8\n")
+    out = publish.publish_cross_validation(root, "unet", "TaskX", tmp_path / "results", command="make cv")
+    assert (out / "fold_1" / "unet" / "metrics.json").is_file() and (out / "cross_validation.csv").is_file()
+    assert not list(out.rglob("*.pt"))
+    index = (out / "README.md").read_text()
+    assert "Mean over 3 patients: Dice 0.817" in index and "lowest patient 0.850" in index and "make cv" in index
+    with pytest.raises(FileNotFoundError, match="no cross_validation.csv"):
+        publish.publish_cross_validation(tmp_path, "unet", "TaskX", tmp_path / "results")

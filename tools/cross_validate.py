@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from lib.atomic import read_json, write_json, write_with  # noqa: E402
 from lib.data_source import resolve_task  # noqa: E402
+from lib.publish import publish_cross_validation  # noqa: E402
 from lib.segment import cross_validation_table  # noqa: E402
 from lib.splits import make_folds  # noqa: E402
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--start-split", type=Path, help="split.json that becomes fold 0 (its val: fold 1's test)")
     parser.add_argument("--notebook", default="04_unet")
     parser.add_argument("--name", default="unet", help="model sub-folder the notebook writes")
+    parser.add_argument("--publish", metavar="DATASET", help="also publish to results/DATASET/cross_validation/")
     args, papermill_args = parser.parse_known_args()
     papermill_args = [a for a in papermill_args if a != "--"]
 
@@ -69,6 +71,9 @@ def main() -> None:
     table = cross_validation_table(fold_dirs, args.name)
     write_with(args.root / "cross_validation.csv", lambda p: table.to_csv(p))
     print(table.round(3).to_string())
+    if args.publish:
+        command = " ".join(["python tools/cross_validate.py", *sys.argv[1:]])
+        print(f"published to {publish_cross_validation(args.root, args.name, args.publish, command=command)}")
     print(f"\nmean over {len(table)} patients: Dice {table['dice'].mean():.3f} ± {table['dice'].std():.3f}, "
           f"with flip TTA {table['dice_tta'].mean():.3f}, HD95 {table['hd95_mm'].mean():.1f} mm")
 
