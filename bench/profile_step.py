@@ -53,7 +53,7 @@ def step_parts(model_cfg: ModelConfig, size: int, batch: int, device: torch.devi
         x, y = timed("augment", lambda: augment_batch(x0, y0, AugmentConfig(), gen))
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = timed("forward + loss", lambda: criterion(model(x), y))
+            loss = timed("forward + loss", lambda x=x, y=y: criterion(model(x), y))
         opt.zero_grad(set_to_none=True)
         timed("backward", loss.backward)
         timed("optimizer", opt.step)
