@@ -20,10 +20,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "narrow": {"decoder": {"decoder_channels": [64, 32, 16, 8, 4]}},
                           "scse": {"decoder": {"decoder_attention_type": "scse"}}}},
     # The recommended CPU training (README "Without a GPU"): every scan resampled to the task's median
-    # in-plane spacing, a 64 px locator (2 of the 15 minutes) and 128 px crops around what it finds, each
+    # in-plane spacing, a 64 px locator (1.5 of the 15 minutes) and 96 px crops around what it finds, each
     # slice with its two neighbours, the learning rate decaying over the budget, flip TTA; no learning-rate
     # search or architecture variants (each would cost another budget).
-    "cpu": {"image_size": 128, "context_slices": 1, "spacing": "median", "roi": True, "roi_minutes": 2.0,
+    "cpu": {"image_size": 96, "context_slices": 1, "spacing": "median", "roi": True, "roi_minutes": 1.5,
             "epochs": 60, "time_budget_min": 15.0, "batch_size": 16, "tta": True, "hp_lrs": [], "hp_epochs": 1, "variant_epochs": 10, "variants": {}},
     # One GPU (Colab T4 or better; not yet measured): the CPU recipe with more epochs, bigger batches and a
     # learning-rate search of 3 short trials, 10 minutes.
