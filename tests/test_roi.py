@@ -73,7 +73,7 @@ def test_roi_run_trains_a_locator_crops_and_segments_new_scans_from_the_checkpoi
     task = make_task(tmp_path / "Task99_Test", 5, shape=(80, 72, 8))
     run = prepare_run(str(task), tmp_path / "run", image_size=32, seed=0, context=1, spacing="median", roi=True,
                       progress=False)
-    assert run.slice_cfg.spacing == 1.0 and run.slice_cfg.canvas == 96
+    assert run.slice_cfg.spacing == 1.5 and run.slice_cfg.canvas == 96  # the helper scans have 1.5 mm pixels
     with pytest.raises(RuntimeError, match="train or load its locator first"):
         run.slices("train")
     cfg = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
@@ -101,6 +101,6 @@ def test_roi_run_trains_a_locator_crops_and_segments_new_scans_from_the_checkpoi
 def test_scans_that_fit_in_one_crop_need_no_region_of_interest(tmp_path, capsys):
     task = make_task(tmp_path / "Task99_Test", 3, shape=(40, 36, 6))
     run = prepare_run(str(task), tmp_path / "run", image_size=64, seed=0, spacing="median", roi=True, progress=False)
-    assert (run.slice_cfg.roi, run.slice_cfg.image_size, run.slice_cfg.spacing) == (False, 64, 1.0)
-    assert "every scan fits in 64 px at 1.0 mm" in capsys.readouterr().out
+    assert (run.slice_cfg.roi, run.slice_cfg.image_size, run.slice_cfg.spacing) == (False, 64, 1.5)
+    assert "every scan fits in 64 px at 1.5 mm" in capsys.readouterr().out
     assert run.slices("train").images.shape[-2:] == (64, 64)
