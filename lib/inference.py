@@ -15,7 +15,7 @@ from lib.atomic import atomic_path
 from lib.checkpoint import load_model
 from lib.env import autocast
 from lib.models import probabilities
-from lib.msd import load_nifti
+from lib.msd import channels_first, load_nifti
 from lib.postprocess import flip_tta, keep_largest_component
 from lib.roi import Locator, canvas_probs
 from lib.slices import (
@@ -146,8 +146,7 @@ def predict_nifti(checkpoint: str | Path, image_path: str | Path, out_path: str 
     """
     model, locator, meta = load_predictor(checkpoint, device)
     scan = load_nifti(image_path)
-    image = np.asarray(scan.dataobj, dtype=np.float32)
-    image = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)
+    image = channels_first(scan, image_path)
     channels = meta["data"]["in_channels"] // (2 * meta["data"]["context_slices"] + 1)
     if image.shape[0] != channels:
         raise ValueError(f"{image_path}: {image.shape[0]} channels, but {checkpoint} was trained on {channels}")

@@ -147,6 +147,16 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]
         raise MSDDataError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
 
 
+def channels_first(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """A 3D or 4D (modalities last) NIfTI image as float32 (C, X, Y, Z)."""
+    image = np.asarray(img.dataobj, dtype=np.float32)
+    if image.ndim == 3:
+        return image[None]
+    if image.ndim == 4:
+        return np.moveaxis(image, -1, 0)
+    raise MSDDataError(f"{path}: expected a 3D or 4D image, got shape {image.shape}")
+
+
 def load_volume(task: Task, case: Case) -> Volume:
     """Load one case, checking its geometry and label values.
 
@@ -156,13 +166,7 @@ def load_volume(task: Task, case: Case) -> Volume:
     """
     img = load_nifti(case.image)
     lab = load_nifti(case.label)
-    image = np.asarray(img.dataobj, dtype=np.float32)
-    if image.ndim == 3:
-        image = image[None]
-    elif image.ndim == 4:
-        image = np.moveaxis(image, -1, 0)
-    else:
-        raise MSDDataError(f"{case.image}: expected a 3D or 4D image, got shape {image.shape}")
+    image = channels_first(img, case.image)
     if image.shape[0] != task.channels:
         raise MSDDataError(
             f"{case.image}: {image.shape[0]} channels but dataset.json declares {task.channels}"
