@@ -2,8 +2,9 @@
 
 ``data`` may be ``"demo"`` (the embedded phantom, generated and packed as a .tar,
 then unpacked like a real archive), an MSD task name such as ``"Task02_Heart"``
-(downloaded), a path to an MSD archive (.tar / .tar.gz, unpacked safely), or a path
-to an unpacked task folder.
+(downloaded), a path to an MSD archive (.tar / .tar.gz, unpacked safely), a path
+to an unpacked task folder, or a folder of 2D images with ``images/`` and ``masks/``
+(:mod:`lib.images2d`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from lib.demo import make_demo_task
 from lib.download import MSD_TASKS, download_msd_task, safe_extract
+from lib.images2d import is_image_folder, read_image_folder
 from lib.msd import MSDDataError, Task, read_task
 from lib.paths import data_root, project_path
 
@@ -52,8 +54,10 @@ def resolve_task(data: str | Path, root: str | Path | None = None) -> Task:
         return read_task(unpack_archive(path, root))
     if path.is_dir():
         if not any(path.iterdir()):
-            raise MSDDataError(f"{path}: folder is empty (expected dataset.json, imagesTr, labelsTr)")
-        return read_task(path)
+            raise MSDDataError(f"{path}: folder is empty (expected dataset.json, imagesTr, labelsTr, "
+                               "or images/ and masks/)")
+        return read_image_folder(path) if is_image_folder(path) else read_task(path)
     raise MSDDataError(
-        f"{text}: not 'demo', an MSD task name ({', '.join(MSD_TASKS)}), an archive or a task folder"
+        f"{text}: not 'demo', an MSD task name ({', '.join(MSD_TASKS)}), an archive, a task folder "
+        "or an image folder"
     )

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lib.atomic import read_json, write_json, write_with
-from lib.inference import patient_probs, probs_to_volume, save_prediction
-from lib.metrics import dice, per_slice_dice, score_case, summarise
-from lib.msd import load_nifti
+from lib.inference import patient_probs, probs_to_original, save_prediction
+from lib.metrics import cross_entropy, dice, per_slice_dice, score_case, summarise
+from lib.msd import read_label
 from lib.postprocess import keep_largest_component
 from lib.roi import Locator
 from lib.slices import SliceSet
@@ -48,6 +48,7 @@ def evaluate(
     largest_component: bool = False,
     compare_postprocessing: bool = True,
     locator: Locator | None = None,
+    lcc_labels: list[int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
@@ -59,6 +60,7 @@ def evaluate(
         compare_postprocessing: also score the other TTA / largest-component variants.
         locator: the region-of-interest stage of a model trained on crops; ``test`` then
             holds whole canvas slices (see :func:`lib.inference.patient_probs`).
+        lcc_labels: the labels that largest-component filtering cleans (None: all).
         extra: added to metrics.json (e.g. training time, parameters).
 
     Returns:
@@ -72,7 +74,7 @@ def evaluate(
     variants: dict[str, dict[str, dict[str, float]]] = {name: {} for name in VARIANTS}
     for cid, meta in test.cases.items():
         sl = test.patient(cid)
-        truth = np.asarray(load_nifti(meta.label_path).dataobj).astype(np.uint8)
+        truth = read_label(meta.label_path)
         t0 = time.perf_counter()
         probs = {False: patient_probs(model, sl.images, locator=locator, device=device, case=cid)}
         plain_seconds = time.perf_counter() - t0
@@ -80,12 +82,13 @@ def evaluate(
         if tta or compare_postprocessing:
             probs[True] = patient_probs(model, sl.images, locator=locator, device=device, tta=True, case=cid)
         tta_seconds = time.perf_counter() - t0
+        original = {flag: probs_to_original(p, meta) for flag, p in probs.items()}
         for name, (v_tta, v_lcc) in VARIANTS.items():
             if not (compare_postprocessing or name == chosen):
                 continue
-            volume = probs_to_volume(probs[v_tta], meta)
+            volume = original[v_tta].argmax(1).to(torch.uint8).numpy().transpose(1, 2, 0)
             if v_lcc:
-                volume = keep_largest_component(volume)
+                volume = keep_largest_component(volume, lcc_labels)
             scores = score_case(volume, truth, meta.spacing, labels)
             variants[name][cid] = {k: scores[k] for k in ("dice", "iou", "hd95")}
             if name == chosen:
@@ -94,6 +97,7 @@ def evaluate(
         slice_pred = probs[tta].argmax(1).numpy()
         cases[cid].update(
             dice_train_res=float(np.nanmean([dice(slice_pred, sl.masks, k) for k in labels])),
+            cross_entropy=cross_entropy(original[tta].permute(1, 2, 3, 0), truth),
             per_slice_dice=_json_floats(per_slice_dice(pred_volume, truth, label=labels)),
             inference_seconds=tta_seconds if tta else plain_seconds,
             spacing=list(meta.spacing),
@@ -104,7 +108,7 @@ def evaluate(
                 str(lab): _json_floats(per_slice_dice(pred_volume, truth, label=lab))
                 for lab in labels
             }
-        save_prediction(pred_volume, meta, out_dir / "predictions" / f"{cid}.nii.gz")
+        save_prediction(pred_volume, meta, out_dir / "predictions" / f"{cid}.nii.gz", len(labels) + 1)
     summary = summarise(cases)
     mean = summary["mean"] | {
         "dice_train_res": float(np.nanmean([c["dice_train_res"] for c in cases.values()])),
@@ -115,7 +119,8 @@ def evaluate(
         "mean": mean,
         "std": summary["std"],
         "n_cases": len(cases),
-        "postprocessing": {"tta": tta, "largest_component": largest_component},
+        "postprocessing": {"tta": tta, "largest_component": largest_component,
+                           "lcc_labels": labels if lcc_labels is None else lcc_labels},
         **(extra or {}),
     }
     write_json(out_dir / "metrics.json", result)
@@ -132,8 +137,9 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
     As in :func:`lib.metrics.summarise`, the mean leaves out infinite values (an HD95 with a
     missed or spurious structure); ``n_inf`` counts them per column.
     """
-    keys = ["dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "dice_train_res", "inference_seconds"]
-    rows = {cid: {k: c.get(k) for k in keys} for cid, c in result["cases"].items()}
+    keys = ["dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "pred_area", "true_area", "pixel_accuracy",
+            "cross_entropy", "dice_train_res", "inference_seconds"]
+    rows = {cid: {k: c[k] for k in keys if k in c} for cid, c in result["cases"].items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     numeric = table.select_dtypes("number")
     infinite = np.isinf(numeric)

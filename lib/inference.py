@@ -1,4 +1,7 @@
-"""Slices -> probabilities -> label volume in the original image geometry -> NIfTI."""
+"""Slices -> probabilities -> label volume in the original image geometry -> NIfTI or PNG.
+
+New, unlabelled scans are segmented by :mod:`lib.predict`.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from torch import nn
 from lib.atomic import atomic_path
 from lib.checkpoint import load_model
 from lib.env import autocast
+from lib.images2d import is_image_file, write_mask
 from lib.models import probabilities
-from lib.msd import channels_first, load_nifti
+from lib.msd import from_canonical
 from lib.postprocess import flip_tta, keep_largest_component
 from lib.roi import Locator, canvas_probs
 from lib.slices import (
@@ -75,16 +79,16 @@ def patient_probs(model: nn.Module, images: np.ndarray, *, locator: Locator | No
     return predict(images) if locator is None else canvas_probs(predict, images, locator, case, device)
 
 
-def probs_to_volume(probs: torch.Tensor, meta: CaseMeta) -> np.ndarray:
-    """Bring slice probabilities back to the original in-plane geometry and take the argmax.
+def probs_to_original(probs: torch.Tensor, meta: CaseMeta) -> torch.Tensor:
+    """Slice probabilities back on the original in-plane grid.
 
     Args:
         probs: (Z, K, S, S) probabilities of one patient's cached slices in axial order.
-        meta: the patient's geometry: original shape (X, Y, Z) and, when the slices were
-            resampled to a target spacing, their size before the canvas (``resized``).
+        meta: the patient's geometry: original shape (X, Y, Z) and, when the slices sit on a
+            canvas (target spacing or aspect-kept 2D images), their size before it (``resized``).
 
     Returns:
-        uint8 label volume (X, Y, Z).
+        float32 (Z, K, X, Y); outside the canvas every class has probability 0.
     """
     x, y, z = meta.shape
     if probs.shape[0] != z:
@@ -93,17 +97,28 @@ def probs_to_volume(probs: torch.Tensor, meta: CaseMeta) -> np.ndarray:
         probs = F.pad(probs, [-w for w in canvas_pads(meta.resized, probs.shape[-1])], value=0.0)
     if probs.shape[-2:] != (x, y):
         probs = F.interpolate(probs, size=(x, y), mode="bilinear", align_corners=False)
-    return probs.argmax(1).to(torch.uint8).numpy().transpose(1, 2, 0)
+    return probs
 
 
-def save_prediction(volume: np.ndarray, meta: CaseMeta, path: str | Path) -> Path:
-    """Write a predicted label volume as NIfTI with the label file's affine and header."""
-    header = nib.load(meta.label_path).header.copy()
+def probs_to_volume(probs: torch.Tensor, meta: CaseMeta) -> np.ndarray:
+    """The argmax of :func:`probs_to_original`: a uint8 label volume (X, Y, Z)."""
+    return probs_to_original(probs, meta).argmax(1).to(torch.uint8).numpy().transpose(1, 2, 0)
+
+
+def save_prediction(volume: np.ndarray, meta: CaseMeta, path: str | Path, num_classes: int = 2) -> Path:
+    """Write a predicted label volume (canonical orientation) in its label file's geometry:
+    NIfTI with the label's voxel order, affine and header, or a PNG mask for a 2D image
+    (``path``'s suffix is replaced to match)."""
+    path = Path(path)
+    if is_image_file(meta.label_path):
+        return write_mask(volume, path.with_name(f"{meta.case_id}.png"), num_classes)
+    label = nib.load(meta.label_path)
+    header = label.header.copy()
     header.set_data_dtype(np.uint8)
-    image = nib.Nifti1Image(volume.astype(np.uint8), meta.affine, header)
+    image = nib.Nifti1Image(from_canonical(volume.astype(np.uint8), label.affine), label.affine, header)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
-    return Path(path)
+    return path
 
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Locator | None, dict]:
@@ -115,7 +130,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> tupl
 
 def segment_image(model: nn.Module, locator: Locator | None, data: dict[str, Any], image: np.ndarray,
                   spacing: tuple[float, float, float], *, device: str | torch.device = "cpu", tta: bool = False,
-                  largest_component: bool = True, case: str = "") -> np.ndarray:
+                  largest_component: bool | None = None, case: str = "") -> np.ndarray:
     """Segment one scan with the preprocessing its checkpoint recorded (``data``: normalisation,
     target spacing, canvas, region of interest, context slices).
 
@@ -131,30 +146,8 @@ def segment_image(model: nn.Module, locator: Locator | None, data: dict[str, Any
     slices = with_context(SliceSet(images, np.zeros((z, 1, 1), np.uint8), np.full(z, case), np.arange(z), {}),
                           data["context_slices"])
     probs = patient_probs(model, slices.images, locator=locator, device=device, tta=tta, case=case)
-    meta = CaseMeta(case, image.shape[1:], spacing, np.eye(4), "", "", resized=resized if cfg.spacing else None)
+    meta = CaseMeta(case, image.shape[1:], spacing, np.eye(4), "", "", resized=resized if cfg.on_canvas else None)
     volume = probs_to_volume(probs, meta)
+    if largest_component is None:  # the checkpoint's classes that are one piece in training
+        return keep_largest_component(volume, data.get("lcc_labels"))
     return keep_largest_component(volume) if largest_component else volume
-
-
-def predict_nifti(checkpoint: str | Path, image_path: str | Path, out_path: str | Path, *,
-                  device: str | torch.device = "cpu", tta: bool = False) -> np.ndarray:
-    """Segment a NIfTI scan (no label needed) with a checkpoint, writing the mask with the
-    scan's affine.
-
-    Raises:
-        ValueError: the scan's channels differ from the checkpoint's.
-    """
-    model, locator, meta = load_predictor(checkpoint, device)
-    scan = load_nifti(image_path)
-    image = channels_first(scan, image_path)
-    channels = meta["data"]["in_channels"] // (2 * meta["data"]["context_slices"] + 1)
-    if image.shape[0] != channels:
-        raise ValueError(f"{image_path}: {image.shape[0]} channels, but {checkpoint} was trained on {channels}")
-    spacing = tuple(float(v) for v in scan.header.get_zooms()[:3])
-    volume = segment_image(model, locator, meta["data"], image, spacing, device=device, tta=tta,
-                           case=Path(image_path).name)
-    out = nib.Nifti1Image(volume, scan.affine)
-    out.header.set_zooms(spacing)
-    with atomic_path(out_path, suffix=".nii.gz") as tmp:
-        nib.save(out, tmp)
-    return volume

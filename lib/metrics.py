@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
-SUMMARY_KEYS = ("dice", "iou", "hd95")
+LABEL_KEYS = ("dice", "iou", "hd95")  # scored per foreground label, averaged over labels
+SUMMARY_KEYS = (*LABEL_KEYS, "pixel_accuracy", "cross_entropy")
 
 
 def _check_shapes(pred: np.ndarray, truth: np.ndarray) -> None:
@@ -154,6 +155,26 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float], label: int = 1) -> flo
     return np.count_nonzero(mask == label) * float(np.prod(spacing)) / 1000.0
 
 
+def pixel_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of pixels (voxels) whose predicted class is the reference class."""
+    _check_shapes(np.asarray(pred), np.asarray(truth))
+    return float(np.mean(np.asarray(pred) == np.asarray(truth)))
+
+
+def cross_entropy(probs: torch.Tensor, truth: np.ndarray, eps: float = 1e-6) -> float:
+    """Mean cross-entropy (BCE with one foreground class) of class probabilities.
+
+    Args:
+        probs: (K, ...) probabilities, on the grid of ``truth``.
+        truth: (...) class ids.
+    """
+    if tuple(probs.shape[1:]) != truth.shape:
+        raise ValueError(f"probabilities {tuple(probs.shape)} do not cover labels of shape {truth.shape}")
+    index = torch.from_numpy(truth.astype(np.int64))[None]
+    picked = probs.float().gather(0, index)
+    return float(-picked.clamp_min(eps).log().mean())
+
+
 def _foreground(labels: Sequence[int]) -> list[int]:
     """``labels`` without background (0); raises if none is left."""
     fg = [int(lab) for lab in labels if int(lab) != 0]
@@ -205,38 +226,49 @@ def score_case(
     """Score one case on each foreground label.
 
     Args:
-        pred: predicted label volume, shape (D0, D1, D2).
+        pred: predicted label volume, shape (D0, D1, D2); a single slice (D2 = 1) is
+            scored as a 2D image.
         truth: reference label volume, same shape as ``pred``.
         spacing: voxel size in mm along each axis.
         labels: foreground labels to score (0, background, is skipped).
 
     Returns:
         With one foreground label: ``{"dice", "iou", "hd95", "pred_volume_ml",
-        "true_volume_ml"}``. With several: the same keys, where ``dice``, ``iou`` and
-        ``hd95`` are means over labels ignoring NaN (a missed label makes ``hd95`` inf) and the
-        volumes are totals over labels, plus ``"per_label"``: ``{str(label): {...}}``.
+        "true_volume_ml", "pixel_accuracy"}`` (2D images: ``pred_area`` and ``true_area`` in
+        squared spacing units instead of volumes; HD95 in those units). With several labels:
+        the same keys, where ``dice``, ``iou`` and ``hd95`` are means over labels ignoring NaN
+        (a missed label makes ``hd95`` inf) and volumes or areas are totals over labels, plus
+        ``"per_label"``: ``{str(label): {...}}``.
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     _check_shapes(pred, truth)
+    flat = pred.ndim == 3 and pred.shape[-1] == 1
+    if flat:
+        pred, truth, spacing = pred[..., 0], truth[..., 0], tuple(spacing)[:2]
+    size = "area" if flat else "volume_ml"
+
+    def amount(mask: np.ndarray, lab: int) -> float:
+        return float(np.count_nonzero(mask == lab) * np.prod(spacing)) if flat else volume_ml(mask, spacing, lab)
+
     fg = _foreground(labels)
     per_label = {
         str(lab): {
             "dice": dice(pred, truth, lab),
             "iou": iou(pred, truth, lab),
             "hd95": hd95(pred, truth, spacing, lab),
-            "pred_volume_ml": volume_ml(pred, spacing, lab),
-            "true_volume_ml": volume_ml(truth, spacing, lab),
+            f"pred_{size}": amount(pred, lab),
+            f"true_{size}": amount(truth, lab),
         }
         for lab in fg
     }
+    accuracy = {"pixel_accuracy": pixel_accuracy(pred, truth)}
     if len(fg) == 1:
-        return per_label[str(fg[0])]
+        return per_label[str(fg[0])] | accuracy
     scores = list(per_label.values())
-    out: dict = {key: _nanmean([s[key] for s in scores]) for key in SUMMARY_KEYS}
-    for key in ("pred_volume_ml", "true_volume_ml"):
+    out: dict = {key: _nanmean([s[key] for s in scores]) for key in LABEL_KEYS}
+    for key in (f"pred_{size}", f"true_{size}"):
         out[key] = float(sum(s[key] for s in scores))
-    out["per_label"] = per_label
-    return out
+    return out | accuracy | {"per_label": per_label}
 
 
 def summarise(cases: Mapping[str, Mapping[str, float]]) -> dict:
@@ -251,11 +283,12 @@ def summarise(cases: Mapping[str, Mapping[str, float]]) -> dict:
     Returns:
         ``{"mean": {key: float}, "std": {key: float}, "median": {key: float},
         "n_valid": {key: int}, "n_inf": {key: int}, "n_cases": int}`` for keys
-        ``dice``, ``iou``, ``hd95``; std is the population std (ddof=0); a statistic with no
+        ``dice``, ``iou``, ``hd95``, ``pixel_accuracy`` and ``cross_entropy``, those that some case
+        has; std is the population std (ddof=0); a statistic with no
         finite value is NaN.
     """
     out: dict = {"mean": {}, "std": {}, "median": {}, "n_valid": {}, "n_inf": {}}
-    for key in SUMMARY_KEYS:
+    for key in [k for k in SUMMARY_KEYS if any(k in c for c in cases.values())]:
         values = np.array([float(c.get(key, math.nan)) for c in cases.values()], dtype=float)
         finite = values[np.isfinite(values)]
         out["n_valid"][key] = int(finite.size)

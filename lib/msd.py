@@ -38,6 +38,12 @@ class Task:
     modalities: dict[int, str]
     labels: dict[int, str]
     cases: list[Case] = field(default_factory=list)
+    pixel_spacing: float | None = None  # 2D image folders: mm per pixel, when known
+
+    @property
+    def is_2d(self) -> bool:
+        """True for a folder of 2D images (:mod:`lib.images2d`) rather than NIfTI volumes."""
+        return bool(self.cases) and not self.cases[0].image.name.endswith((".nii", ".nii.gz"))
 
     @property
     def channels(self) -> int:
@@ -138,6 +144,29 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, img.affine, img.header)
 
 
+def to_canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image in the closest canonical (RAS+) voxel order, as MONAI's ``Orientation("RAS")``:
+    every scan reaches the networks in one orientation, whatever order its file stores."""
+    return nib.as_closest_canonical(img)
+
+
+def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_canonical` on an (X, Y, Z) array: back to the voxel order of a file
+    with ``affine``."""
+    ornt = nib.orientations.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A label file as uint8 (X, Y, Z) in canonical orientation; a 2D mask as (X, Y, 1)."""
+    if not str(path).endswith((".nii", ".nii.gz")):
+        from lib.images2d import read_mask  # 2D folders build on this module
+
+        return read_mask(path)
+    return np.asarray(to_canonical(load_nifti(path)).dataobj).astype(np.uint8)
+
+
 def read_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape and voxel size (mm) from a NIfTI header, without reading the voxels."""
     try:
@@ -158,14 +187,19 @@ def channels_first(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
 
 
 def load_volume(task: Task, case: Case) -> Volume:
-    """Load one case, checking its geometry and label values.
+    """Load one case in canonical orientation, checking its geometry and label values
+    (a 2D image folder's case as a one-slice volume, see :mod:`lib.images2d`).
 
     Raises:
         MSDDataError: unreadable file, image and label shapes that differ, or label
             values not declared in dataset.json.
     """
-    img = load_nifti(case.image)
-    lab = load_nifti(case.label)
+    if task.is_2d:
+        from lib.images2d import load_image_case  # 2D folders build on this module
+
+        return load_image_case(task, case)
+    img = to_canonical(load_nifti(case.image))
+    lab = to_canonical(load_nifti(case.label))
     image = channels_first(img, case.image)
     if image.shape[0] != task.channels:
         raise MSDDataError(

@@ -8,7 +8,8 @@ when it is already there and fresh).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,17 @@ from lib.atomic import write_json
 from lib.data_source import resolve_task
 from lib.msd import Task, read_geometry
 from lib.paths import run_dir as resolve_run_dir
+from lib.postprocess import one_piece_labels
 from lib.roi import Box, Locator, box_around, crop_cases
-from lib.slices import SliceConfig, SliceSet, build_cache, load_slices, resampled_size, with_context
+from lib.slices import (
+    SliceConfig,
+    SliceSet,
+    build_cache,
+    ct_window_from_data,
+    load_slices,
+    resampled_size,
+    with_context,
+)
 from lib.splits import resolve_split
 
 
@@ -91,6 +101,13 @@ class Run:
             self.boxes[case.case_id] = box or (centre, centre)
         return self.boxes
 
+    @cached_property
+    def lcc_labels(self) -> list[int]:
+        """Foreground labels that are one connected piece in every training patient: the
+        classes whose predictions keep only their largest component."""
+        masks = [load_slices(self.cache_dir, [cid]).masks.transpose(1, 2, 0) for cid in self.split["train"]]
+        return one_piece_labels(masks, self.labels)
+
     def all_slices(self) -> SliceSet:
         """The cached slices of every patient of the task."""
         return load_slices(self.cache_dir, [c.case_id for c in self.task.cases])
@@ -106,11 +123,15 @@ class Run:
             "slice_key": self.slice_cfg.key(),
             "slice_config": asdict(self.slice_cfg),
             "is_ct": self.task.is_ct,
+            "is_2d": self.task.is_2d,
+            "pixel_spacing": self.task.pixel_spacing,
+            "modalities": {str(k): v for k, v in self.task.modalities.items()},
             "in_channels": self.task.channels * (2 * context + 1),
             "context_slices": context,
             "num_classes": self.task.num_classes,
             "labels": {str(k): v for k, v in self.task.labels.items()},
             "split": {name: list(self.split[name]) for name in ("train", "val", "test")},
+            "lcc_labels": self.lcc_labels,
         }
 
 
@@ -124,6 +145,7 @@ def prepare_run(
     context: int = 0,
     spacing: float | str | None = None,
     roi: bool = False,
+    ct_window: tuple[float, float] | None = None,
     workers: int = 2,
     progress: bool = True,
 ) -> Run:
@@ -141,21 +163,42 @@ def prepare_run(
             median (as nnU-Net); None: whole slices resized to ``image_size``.
         roi: the networks see ``image_size`` crops around the structure (:mod:`lib.roi`) of
             a canvas that holds every scan's whole field of view.
+        ct_window: CT only, the (low, high) HU window; None: from the training patients'
+            labelled voxels (:func:`lib.slices.ct_window_from_data`).
+
+    A folder of 2D images keeps each image's aspect ratio (scaled to ``image_size`` on its
+    longer side and padded), and has no spacing, region of interest or context slices.
     """
     out = resolve_run_dir(run_dir)
     task = resolve_task(data)
-    cfg = slice_config(task, image_size, spacing, roi)
-    cache_dir = build_cache(task, out / "cache", cfg, workers=workers, progress=progress)
     split = resolve_split(out, [c.case_id for c in task.cases], seed, split_file)
+    if task.is_2d and context:
+        print(f"{task.root.name}: 2D images have no neighbouring slices; context_slices={context} -> 0")
+        context = 0
+    if task.is_ct and ct_window is None:
+        ct_window = ct_window_from_data(task, split["train"], out / "cache" / "ct_window.json")
+    cfg = slice_config(task, image_size, spacing, roi, ct_window)
+    cache_dir = build_cache(task, out / "cache", cfg, workers=workers, progress=progress)
     run = Run(task, out, cache_dir, split, cfg, seed, context)
     write_json(out / "run.json", {"data": str(data), "task_dir": str(task.root), "slice_config": asdict(cfg),
                                   "cache_dir": str(cache_dir), **run.data_settings()})
     return run
 
 
-def slice_config(task: Task, image_size: int, spacing: float | str | None = None, roi: bool = False) -> SliceConfig:
+def slice_config(task: Task, image_size: int, spacing: float | str | None = None, roi: bool = False,
+                 ct_window: tuple[float, float] | None = None) -> SliceConfig:
     """The slice settings for ``task``, with "median" spacing and the ROI canvas (the largest
     field of view at that spacing, in multiples of 32 pixels) read from the image headers."""
+    if ct_window is not None:
+        lo, hi = (float(v) for v in ct_window)
+        if not lo < hi:
+            raise ValueError(f"ct_window {ct_window!r}: give (low, high) HU with low < high")
+        return replace(slice_config(task, image_size, spacing, roi), ct_window=(lo, hi))
+    if task.is_2d:
+        if spacing is not None or roi:
+            print(f"{task.root.name}: 2D images are scaled to {image_size} px on their longer side "
+                  "(aspect ratio kept); spacing and roi do not apply")
+        return SliceConfig(image_size=image_size, fit=True)
     if spacing is None:
         return SliceConfig(image_size=image_size, roi=roi)
     geometry = [read_geometry(case.image) for case in task.cases]

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+
+def one_piece_labels(masks: Iterable[np.ndarray], labels: Sequence[int]) -> list[int]:
+    """The labels that form one connected component in every mask holding them: those whose
+    predictions :func:`keep_largest_component` may clean (nnU-Net decides this per class;
+    two lungs labelled alike, for example, must keep both pieces)."""
+    masks = list(masks)
+    kept = []
+    for lab in labels:
+        pieces = []
+        for mask in masks:
+            pieces.append(ndimage.label(mask == lab, structure=np.ones((3,) * mask.ndim, dtype=bool))[1])
+        if lab != 0 and max(pieces, default=0) <= 1:
+            kept.append(int(lab))
+    return kept
 
 
 def keep_largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:

@@ -117,8 +117,12 @@ def max_prediction_difference(a: torch.nn.Module, b: torch.nn.Module, images: np
 
 
 def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any], *, tta: bool = False,
-               largest_component: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Score the model on the test patients; writes ``<name>/metrics.json`` and predictions."""
+               largest_component: bool | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Score the model on the test patients; writes ``<name>/metrics.json`` and predictions.
+
+    ``largest_component``: keep each class's largest connected component; None: for the
+    classes that are one piece in every training patient (:attr:`Run.lcc_labels`), True: all.
+    """
     if run.slice_cfg.roi and run.locator is None:
         raise RuntimeError("this run crops a region of interest: call segment.train_locator(run, ...) first")
     history = read_json(run.run_dir / name / "history.json")
@@ -134,7 +138,8 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
         "split": {k: run.split[k] for k in ("train", "val", "test")},
     }
     return evaluate(model, run.canvas_slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
-                    largest_component=largest_component, locator=run.locator, extra=extra)
+                    largest_component=bool(run.lcc_labels) if largest_component is None else largest_component,
+                    lcc_labels=run.lcc_labels if largest_component is None else None, locator=run.locator, extra=extra)
 
 
 def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *,
@@ -242,7 +247,7 @@ def architecture_study(run: Run, name: str, base: ModelConfig, train_cfg: TrainC
             continue
         result = train_model(run, folder, cfg, train_cfg, keep="best" if keep_checkpoints else "none", progress=False)
         meta = {"model_config": cfg.to_dict(), "epoch": result.best_epoch, "best_val_dice": result.best_val_dice}
-        test_model(run, folder, result.model, meta, device=device, largest_component=True)
+        test_model(run, folder, result.model, meta, device=device)
     return comparison_table(run.run_dir, [name, *[f"{name}_{v}" for v in variants]]) if variants else pd.DataFrame()
 
 

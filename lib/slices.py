@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lib.atomic import atomic_path
+from lib.atomic import atomic_path, read_json, write_json
 from lib.msd import Case, MSDDataError, Task, Volume, load_volume, read_geometry
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: volumes in canonical orientation
 HIST_BINS = np.linspace(-4.0, 6.0, 101)
 
 
@@ -46,6 +46,8 @@ class SliceConfig:
             ``image_size``); larger than ``image_size`` with ``roi``.
         roi: the network sees ``image_size`` crops of the canvas around the structure, found
             by a coarse localisation model (:mod:`lib.roi`); does not change the cache.
+        fit: without a target spacing, scale each slice so that its longer side is
+            ``image_size`` (aspect ratio kept) and pad it to a square: 2D images of varying size.
     """
 
     image_size: int = 128
@@ -54,14 +56,22 @@ class SliceConfig:
     spacing: float | None = None
     canvas: int | None = None
     roi: bool = False
+    fit: bool = False
 
     def __post_init__(self) -> None:
+        if self.fit and self.spacing is not None:
+            raise ValueError("fit (scale to the longer side) and a target spacing exclude each other")
         if self.spacing is not None and not self.spacing > 0:
             raise ValueError(f"spacing must be a positive number of mm, got {self.spacing!r}")
         if self.canvas is not None and (self.spacing is None or self.canvas < self.image_size):
             raise ValueError(f"canvas {self.canvas} needs a spacing and must be at least image_size {self.image_size}")
         if self.roi and self.spacing is None:
             raise ValueError("roi=True needs a target spacing (e.g. spacing='median'): crops are cut in millimetres")
+
+    @property
+    def on_canvas(self) -> bool:
+        """True when slices keep their aspect ratio and are centred on a square canvas."""
+        return self.spacing is not None or self.fit
 
     @property
     def cached_size(self) -> int:
@@ -174,7 +184,11 @@ def normalise_volume(image: np.ndarray, is_ct: bool, cfg: SliceConfig) -> np.nda
 
 
 def resampled_size(shape_xy: tuple[int, int], spacing_xy: tuple[float, float], cfg: SliceConfig) -> tuple[int, int]:
-    """In-plane size of a slice after resampling: (S, S) without a target spacing."""
+    """In-plane size of a slice after resampling: (S, S) without a target spacing, the longer
+    side S with ``fit``."""
+    if cfg.fit:
+        scale = cfg.image_size / max(shape_xy)
+        return tuple(max(1, round(n * scale)) for n in shape_xy)
     if cfg.spacing is None:
         return cfg.image_size, cfg.image_size
     return tuple(max(1, round(n * s / cfg.spacing)) for n, s in zip(shape_xy, spacing_xy))
@@ -223,12 +237,45 @@ def to_slices(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float,
         lab = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))[:, None].float()
         if lab.shape[-2:] != resized:
             lab = F.interpolate(lab, size=resized, mode="nearest-exact")
-    if cfg.spacing is not None:
+    if cfg.on_canvas:
         pads = canvas_pads(resized, cfg.cached_size)
         img = F.pad(img, pads, value=float(img.min()) if img.numel() else 0.0)
         lab = None if lab is None else F.pad(lab, pads, value=0.0)
     masks = None if lab is None else lab[:, 0].to(torch.uint8).numpy()
     return img.half().numpy(), masks, resized
+
+
+def ct_window_from_data(task: Task, case_ids: list[str], record: str | Path | None = None,
+                        percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    """A CT window from the data, as nnU-Net's CT normalisation: the ``percentiles`` of the
+    intensities (HU) inside the labelled structures of ``case_ids`` (the training patients).
+
+    Args:
+        record: JSON file keeping the result for these patients, so it is computed once.
+    """
+    key = {"cases": sorted(case_ids), "percentiles": list(percentiles)}
+    if record is not None and Path(record).is_file():
+        kept = read_json(record)
+        if kept.get("key") == key:
+            return tuple(kept["window"])
+    rng = np.random.default_rng(0)
+    values = []
+    for case_id in case_ids:
+        volume = load_volume(task, task.case(case_id))
+        inside = volume.image[0][volume.label > 0]
+        values.append(rng.choice(inside, min(len(inside), 100_000), replace=False) if len(inside) else inside)
+    values = np.concatenate(values)
+    if not len(values):
+        raise MSDDataError(f"{task.root}: no labelled voxels in the training patients to choose a CT window from; "
+                           "give ct_window=(low, high)")
+    window = tuple(round(float(v), 1) for v in np.percentile(values, percentiles))
+    if window[0] >= window[1]:
+        window = (window[0] - 1.0, window[1] + 1.0)
+    if record is not None:
+        write_json(record, {"key": key, "window": list(window)})
+    print(f"CT window from the training patients' labelled voxels ({percentiles[0]}-{percentiles[1]} percentiles): "
+          f"{window[0]:.0f} to {window[1]:.0f} HU")
+    return window
 
 
 def volume_stats(volume: Volume, normalised: np.ndarray) -> dict:
@@ -260,7 +307,7 @@ def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Pa
     norm = normalise_volume(volume.image, task.is_ct, cfg)
     images, masks, resized = to_slices(norm, volume.label, volume.spacing, cfg)
     meta = {
-        "resized": list(resized) if cfg.spacing is not None else None,
+        "resized": list(resized) if cfg.on_canvas else None,
         "fingerprint": _fingerprint(case, cfg),
         "case_id": case.case_id,
         "shape": list(volume.label.shape),

@@ -36,7 +36,7 @@ from lib.atomic import read_json, write_json
 from lib.inference import predict_probs, probs_to_volume
 from lib.metrics import dice
 from lib.models import ModelConfig
-from lib.msd import load_nifti
+from lib.msd import read_label
 from lib.pipeline import Run
 from lib.slices import SliceSet, concat, load_pairs, save_pairs
 from lib.train import TrainConfig, fit
@@ -68,7 +68,7 @@ def real_subset(run: Run, n_real: int, seed: int) -> list[str]:
 
 def truth_volumes(test: SliceSet) -> dict[str, np.ndarray]:
     """Original label volumes of the test patients, loaded once."""
-    return {cid: np.asarray(load_nifti(m.label_path).dataobj).astype(np.uint8) for cid, m in test.cases.items()}
+    return {cid: read_label(m.label_path) for cid, m in test.cases.items()}
 
 
 def score_slices(pred_probs: torch.Tensor, test: SliceSet, truths: dict[str, np.ndarray], labels: list[int]) -> dict[str, float]:

@@ -222,7 +222,8 @@ def test_dice_from_counts_accumulated_over_slices_equals_3d() -> None:
 def test_score_case_single_label() -> None:
     pred, truth = _two_cubes()
     scores = score_case(pred, truth, (1.0, 1.0, 2.0), labels=[0, 1])
-    assert set(scores) == {"dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml"}
+    assert set(scores) == {"dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "pixel_accuracy"}
+    assert scores["pixel_accuracy"] == pytest.approx(np.mean(pred == truth))
     assert scores["dice"] == pytest.approx(0.25)
     assert scores["iou"] == pytest.approx(1 / 7)
     assert scores["pred_volume_ml"] == pytest.approx(64 * 2 / 1000)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lib import segment
-from lib.inference import patient_probs, predict_nifti
+from lib.inference import patient_probs
 from lib.pipeline import prepare_run
+from lib.predict import predict
 from lib.roi import LOCATOR_SIZE, Locator, box_around, crop, paste, sliding_window, tiles
 from lib.train import TrainConfig
 from tests.helpers import make_task
@@ -91,10 +92,11 @@ def test_roi_run_trains_a_locator_crops_and_segments_new_scans_from_the_checkpoi
     metrics = segment.test_model(run, "unet", model, meta)
     assert set(metrics["cases"]) == set(run.split["test"])
     test_case = run.task.case(run.split["test"][0])
-    volume = predict_nifti(run.run_dir / "unet" / "best.pt", test_case.image, tmp_path / "new" / "scan.nii.gz")
+    table = predict(run.run_dir / "unet" / "best.pt", test_case.image, tmp_path / "new", progress=False)
+    assert table.loc[test_case.case_id, "error"] == ""
     evaluated = np.asarray(nib.load(run.run_dir / "unet" / "predictions" / f"{test_case.case_id}.nii.gz").dataobj)
-    assert volume.shape == (80, 72, 8) and np.array_equal(volume, evaluated)
-    written = nib.load(tmp_path / "new" / "scan.nii.gz")
+    written = nib.load(tmp_path / "new" / test_case.image.name)
+    assert written.shape == (80, 72, 8) and np.array_equal(np.asarray(written.dataobj), evaluated)
     assert np.allclose(written.affine, nib.load(test_case.image).affine)
 
 

@@ -1,0 +1,149 @@
+"""2D image folders (PNG/JPG/TIFF + masks): reading, bad input, aspect-kept slices, 2D metrics,
+and a whole run from folder to PNG predictions of new images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib import segment
+from lib.data_source import resolve_task
+from lib.images2d import (
+    from_volume_axes,
+    read_image_folder,
+    read_mask,
+    to_volume_axes,
+    write_mask,
+)
+from lib.inference import probs_to_volume
+from lib.metrics import score_case
+from lib.msd import MSDDataError, load_volume
+from lib.pipeline import prepare_run
+from lib.predict import predict
+from lib.slices import CaseMeta, SliceConfig, to_slices
+from lib.train import TrainConfig
+
+
+def disc_image(h: int, w: int, rng: np.random.Generator, colour: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx, r = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65), min(h, w) * rng.uniform(0.15, 0.3)
+    mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2).astype(np.uint8)
+    image = np.clip(rng.normal(60, 15, (h, w)) + 120 * mask, 0, 255).astype(np.uint8)
+    return (np.stack([image, image // 2, image // 3], -1) if colour else image), mask
+
+
+def make_folder(root, n=6, seed=0, mask_scale=255, colour_first=False):
+    """An image folder of ``n`` grey PNGs of varying size with disc masks (0/255)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image, mask = disc_image(40 + 4 * i, 56 - 3 * i, rng, colour=colour_first and i == 0)
+        Image.fromarray(image).save(root / "images" / f"img{i}.png")
+        Image.fromarray(mask * mask_scale).save(root / "masks" / f"img{i}.png")
+    return root
+
+
+def test_a_folder_is_a_task_of_one_slice_patients_in_volume_axes(tmp_path):
+    root = make_folder(tmp_path / "xray", mask_scale=1)
+    task = resolve_task(str(root))
+    assert task.is_2d and task.channels == 1 and task.labels == {0: "background", 1: "foreground"}
+    assert [c.case_id for c in task.cases] == [f"img{i}" for i in range(6)]
+    volume = load_volume(task, task.cases[1])
+    pixels = np.asarray(Image.open(root / "images" / "img1.png"))
+    assert volume.image.shape == (1, pixels.shape[1], pixels.shape[0], 1) and volume.label.max() == 1
+    assert np.array_equal(from_volume_axes(volume.image[0, ..., 0]), pixels)  # x: column, y: upwards
+    assert np.array_equal(volume.image[0, 0, -1, 0], pixels[0, 0])  # top-left pixel is at x=0, y=max
+
+
+def test_colour_folders_have_three_channels_and_grey_images_are_repeated(tmp_path):
+    task = read_image_folder(make_folder(tmp_path / "rgb", colour_first=True))
+    assert task.channels == 3
+    grey = load_volume(task, task.cases[1]).image
+    assert grey.shape[0] == 3 and np.array_equal(grey[0], grey[2])
+
+
+def test_masks_round_trip_through_png_as_binary_or_class_indices(tmp_path):
+    mask = to_volume_axes(np.array([[0, 1, 1], [0, 0, 1]], np.uint8))
+    write_mask(mask, tmp_path / "b.png", num_classes=2)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "b.png")))) == {0, 255}
+    assert np.array_equal(read_mask(tmp_path / "b.png")[..., 0], mask)
+    multi = to_volume_axes(np.array([[0, 2, 1], [3, 0, 1]], np.uint8))
+    write_mask(multi, tmp_path / "m.png", num_classes=4)
+    assert np.array_equal(read_mask(tmp_path / "m.png")[..., 0], multi)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: (r / "masks" / "img2.png").unlink(), r"img2.png: image without a mask"),
+    (lambda r: Image.fromarray(np.zeros((9, 9), np.uint8)).save(r / "masks" / "img3.png"),
+     r"masks/img3.png: mask size 9x9 differs from its image's"),
+    (lambda r: Image.fromarray(np.full((44, 53), 128, np.uint8)).save(r / "masks" / "img1.png"),
+     r"masks/img1.png: mask values \[128\] are neither binary"),
+    (lambda r: (r / "images" / "img4.png").write_bytes(b"not a png"), r"images/img4.png: cannot read image"),
+])
+def test_bad_folders_name_the_file_and_the_problem(tmp_path, damage, message):
+    root = make_folder(tmp_path / "bad")
+    damage(root)
+    with pytest.raises(MSDDataError, match=message):
+        read_image_folder(root)
+
+
+def test_an_empty_image_folder_is_refused(tmp_path):
+    (tmp_path / "e" / "images").mkdir(parents=True)
+    (tmp_path / "e" / "masks").mkdir()
+    with pytest.raises(MSDDataError, match="no images"):
+        resolve_task(str(tmp_path / "e"))
+
+
+def test_fit_keeps_the_aspect_ratio_and_probabilities_go_back_to_the_image_size():
+    cfg = SliceConfig(image_size=32, fit=True)
+    image = np.zeros((1, 60, 30, 1), np.float32)
+    image[0, 10:20, 5:10] = 1.0
+    label = (image[0] > 0).astype(np.uint8)
+    slices, masks, resized = to_slices(image, label, (1.0, 1.0, 1.0), cfg)
+    assert resized == (32, 16) and slices.shape == (1, 1, 32, 32) and masks[0, :, :8].sum() == 0  # padded
+    probs = torch.stack([1 - torch.from_numpy(masks).float(), torch.from_numpy(masks).float()], 1)
+    back = probs_to_volume(probs, CaseMeta("a", (60, 30, 1), (1, 1, 1), np.eye(4), "", "", resized=resized))
+    assert back.shape == (60, 30, 1) and (back == label).mean() > 0.97
+
+
+def test_a_single_slice_is_scored_as_an_image_in_pixels():
+    truth = np.zeros((20, 20, 1), np.uint8)
+    truth[5:15, 5:15] = 1
+    pred = np.roll(truth, 2, axis=0)
+    scores = score_case(pred, truth, (1.0, 1.0, 1.0), [1])
+    assert scores["hd95"] == pytest.approx(2.0) and scores["true_area"] == 100 and "true_volume_ml" not in scores
+    assert scores["pixel_accuracy"] == pytest.approx(1 - 40 / 400)
+
+
+def test_a_run_on_an_image_folder_predicts_new_images_at_their_own_size(tmp_path):
+    root = make_folder(tmp_path / "xray", n=8)
+    run = prepare_run(str(root), tmp_path / "run", image_size=32, seed=0, context=1, spacing="median", roi=True,
+                      progress=False)
+    assert run.context == 0 and run.slice_cfg.fit and not run.slice_cfg.roi and run.lcc_labels == [1]
+    cfg = TrainConfig(epochs=1, batch_size=4, augment=None, device="cpu", patience=None)
+    segment.train_model(run, "unet", segment.model_config(run, "unet", encoder_depth=3,
+                        decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
+    model, meta = segment.reload_model(run, "unet")
+    metrics = segment.test_model(run, "unet", model, meta)
+    case = run.split["test"][0]
+    for key in ("dice", "iou", "hd95", "pixel_accuracy", "cross_entropy", "pred_area"):
+        assert np.isfinite(metrics["cases"][case][key]) or key == "hd95"
+    evaluated = run.run_dir / "unet" / "predictions" / f"{case}.png"
+    size = Image.open(root / "images" / f"{case}.png").size
+    assert Image.open(evaluated).size == size
+
+    new = tmp_path / "new"
+    new.mkdir()
+    for cid in run.split["test"]:
+        (new / f"{cid}.png").write_bytes((root / "images" / f"{cid}.png").read_bytes())
+    (new / "broken.png").write_bytes(b"garbage")
+    table = predict(run.run_dir / "unet" / "best.pt", new, tmp_path / "out", progress=False)
+    assert "cannot read image" in table.loc["broken", "error"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{case}.png")), np.asarray(Image.open(evaluated)))
+    assert "foreground area_px" in table.columns
+    with pytest.raises(FileExistsError, match="already holds"):
+        predict(run.run_dir / "unet" / "best.pt", new, tmp_path / "out", progress=False)
+    again = predict(run.run_dir / "unet" / "best.pt", new / f"{case}.png", tmp_path / "out", overwrite=True,
+                    progress=False)
+    assert again.loc[case, "error"] == ""

@@ -1,0 +1,122 @@
+"""Segmenting new, unlabelled NIfTI scans with a checkpoint: outputs in each input's geometry and
+orientation, the same masks as the evaluation, and every bad input reported by name."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib import segment
+from lib.msd import MSDDataError, from_canonical, read_task, to_canonical
+from lib.pipeline import prepare_run
+from lib.postprocess import one_piece_labels
+from lib.predict import Predictor, _check_modality, find_inputs, main, predict
+from lib.slices import ct_window_from_data
+from lib.train import TrainConfig
+from tests.helpers import blob_case, make_task, write_task
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    run = prepare_run(str(make_task(tmp / "Task98_Pred", 5, shape=(40, 36, 6))), tmp / "run", image_size=32, seed=0,
+                      context=1, spacing="median", progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=None, device="cpu", patience=None)
+    segment.train_model(run, "unet", segment.model_config(run, "unet", encoder_depth=3,
+                        decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
+    model, meta = segment.reload_model(run, "unet")
+    segment.test_model(run, "unet", model, meta)
+    return run, run.run_dir / "unet" / "best.pt"
+
+
+def test_canonical_orientation_round_trips_any_voxel_order():
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    affine = np.array([[0, -2.0, 0, 10], [1.5, 0, 0, -4], [0, 0, -3.0, 7], [0, 0, 0, 1]])
+    canonical = to_canonical(nib.Nifti1Image(data, affine))
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S") and canonical.shape == (3, 2, 4)
+    assert np.array_equal(from_canonical(np.asarray(canonical.dataobj), affine), data)
+
+
+def test_an_imagests_folder_is_segmented_like_the_evaluation_and_in_each_scans_orientation(trained, tmp_path):
+    run, checkpoint = trained
+    test_ids = run.split["test"]
+    inputs = tmp_path / "Task98_Pred" / "imagesTs"
+    inputs.mkdir(parents=True)
+    for cid in test_ids:
+        shutil.copy(run.task.case(cid).image, inputs / f"{cid}.nii.gz")
+    flipped = nib.load(run.task.case(test_ids[0]).image)  # the same scan stored left-right flipped (LAS)
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = flipped.shape[0] - 1
+    nib.save(nib.Nifti1Image(np.asarray(flipped.dataobj)[::-1].copy(), flipped.affine @ flip),
+             inputs / "flipped.nii.gz")
+    table = predict(checkpoint, tmp_path / "Task98_Pred", tmp_path / "out", progress=False)  # finds imagesTs
+    assert list(table.index) == sorted([*test_ids, "flipped"]) and (table["error"] == "").all()
+    for cid in test_ids:
+        written = nib.load(tmp_path / "out" / f"{cid}.nii.gz")
+        evaluated = nib.load(run.run_dir / "unet" / "predictions" / f"{cid}.nii.gz")
+        assert np.array_equal(np.asarray(written.dataobj), np.asarray(evaluated.dataobj))
+        assert np.allclose(written.affine, nib.load(inputs / f"{cid}.nii.gz").affine)
+    mask = np.asarray(nib.load(tmp_path / "out" / f"{test_ids[0]}.nii.gz").dataobj)
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "out" / "flipped.nii.gz").dataobj), mask[::-1])
+    assert "a volume_ml" in table.columns  # the class name from dataset.json
+
+
+def test_bad_scans_are_reported_by_name_and_the_others_written(trained, tmp_path, capsys):
+    run, checkpoint = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = run.split["test"][0]
+    shutil.copy(run.task.case(good).image, inputs / "good.nii.gz")
+    two = np.stack([np.asarray(nib.load(run.task.case(good).image).dataobj)] * 2, -1)
+    nib.save(nib.Nifti1Image(two, np.eye(4)), inputs / "two_channels.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti")
+    assert main([str(checkpoint), str(inputs), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED two_channels:" in err and "2 channel(s), but" in err and "FAILED broken:" in err
+    assert (tmp_path / "out" / "good.nii.gz").is_file() and not (tmp_path / "out" / "broken.nii.gz").exists()
+    assert main([str(checkpoint), str(inputs), str(tmp_path / "out")]) == 2  # would overwrite good.nii.gz
+    assert "already holds 1 prediction" in capsys.readouterr().err
+
+
+def test_inputs_that_hold_nothing_to_segment_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MSDDataError, match="empty input folder"):
+        find_inputs(tmp_path / "empty")
+    with pytest.raises(MSDDataError, match="no such file"):
+        find_inputs(tmp_path / "missing")
+
+
+def test_a_ct_checkpoint_refuses_a_scan_that_is_not_in_hu(tmp_path):
+    data = {"in_channels": 1, "context_slices": 0, "is_ct": True, "is_2d": False, "modalities": {"0": "CT"}}
+    predictor = Predictor(torch.nn.Identity(), None, data, "ct.pt", torch.device("cpu"))
+    _check_modality(predictor, tmp_path / "ct.nii.gz", np.full((1, 4, 4, 2), -1000.0))
+    with pytest.raises(MSDDataError, match="mri.nii.gz: lowest value 0, but ct.pt was trained on CT in HU"):
+        _check_modality(predictor, tmp_path / "mri.nii.gz", np.zeros((1, 4, 4, 2)))
+    with pytest.raises(MSDDataError, match="x.png: a 2D image, but ct.pt was trained on NIfTI volumes"):
+        _check_modality(predictor, tmp_path / "x.png", np.zeros((1, 4, 4, 1)))
+
+
+def test_the_ct_window_comes_from_the_training_patients_labelled_voxels(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {f"c{i}": blob_case(rng, (24, 24, 6)) for i in range(3)}
+    task = read_task(write_task(tmp_path / "TaskCT", cases, modality={"0": "CT"}))
+    record = tmp_path / "window.json"
+    window = ct_window_from_data(task, ["c0", "c1"], record)
+    inside = np.concatenate([img[lab > 0] for img, lab in (cases["c0"], cases["c1"])])
+    assert window == pytest.approx(tuple(np.percentile(inside, (0.5, 99.5))), abs=15)
+    assert ct_window_from_data(task, ["c0", "c1"], record) == window and record.is_file()
+    run = prepare_run(str(task.root), tmp_path / "run", image_size=16, seed=0, progress=False)
+    assert run.slice_cfg.ct_window == ct_window_from_data(task, run.split["train"])
+    fixed = prepare_run(str(task.root), tmp_path / "run2", image_size=16, seed=0, ct_window=(-100, 300), progress=False)
+    assert fixed.slice_cfg.ct_window == (-100.0, 300.0)
+
+
+def test_largest_component_filtering_is_kept_for_classes_that_are_one_piece():
+    one = np.zeros((10, 10, 3), np.uint8)
+    one[2:5, 2:5, 1] = 1
+    one[6:9, 6:9, 1] = 2
+    two = one.copy()
+    two[6:9, 6:9, 1] = 1  # class 1 in two pieces (two lungs), class 2 absent
+    assert one_piece_labels([one, two], [1, 2]) == [2]
