@@ -22,7 +22,7 @@ from lib.atomic import read_json, write_json, write_with
 from lib.inference import patient_probs, probs_to_original, save_prediction
 from lib.metrics import cross_entropy, dice, per_slice_dice, score_case, summarise
 from lib.msd import read_label
-from lib.postprocess import keep_largest_component
+from lib.postprocess import keep_largest_component, remove_small_pieces
 from lib.roi import Locator
 from lib.slices import SliceSet
 
@@ -48,7 +48,7 @@ def evaluate(
     largest_component: bool = False,
     compare_postprocessing: bool = True,
     locator: Locator | None = None,
-    lcc_labels: list[int] | None = None,
+    pieces: dict[int, float] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
@@ -60,7 +60,8 @@ def evaluate(
         compare_postprocessing: also score the other TTA / largest-component variants.
         locator: the region-of-interest stage of a model trained on crops; ``test`` then
             holds whole canvas slices (see :func:`lib.inference.patient_probs`).
-        lcc_labels: the labels that largest-component filtering cleans (None: all).
+        pieces: component filtering learned from training (:func:`lib.postprocess.piece_thresholds`)
+            applied where ``largest_component`` is on; None: keep each label's largest component.
         extra: added to metrics.json (e.g. training time, parameters).
 
     Returns:
@@ -88,7 +89,7 @@ def evaluate(
                 continue
             volume = original[v_tta].argmax(1).to(torch.uint8).numpy().transpose(1, 2, 0)
             if v_lcc:
-                volume = keep_largest_component(volume, lcc_labels)
+                volume = keep_largest_component(volume) if pieces is None else remove_small_pieces(volume, pieces)
             scores = score_case(volume, truth, meta.spacing, labels)
             variants[name][cid] = {k: scores[k] for k in ("dice", "iou", "hd95")}
             if name == chosen:
@@ -120,7 +121,7 @@ def evaluate(
         "std": summary["std"],
         "n_cases": len(cases),
         "postprocessing": {"tta": tta, "largest_component": largest_component,
-                           "lcc_labels": labels if lcc_labels is None else lcc_labels},
+                           "piece_thresholds": None if pieces is None else {str(k): v for k, v in pieces.items()}},
         **(extra or {}),
     }
     write_json(out_dir / "metrics.json", result)

@@ -20,7 +20,7 @@ from lib.env import autocast
 from lib.images2d import is_image_file, write_mask
 from lib.models import probabilities
 from lib.msd import from_canonical
-from lib.postprocess import flip_tta, keep_largest_component
+from lib.postprocess import flip_tta, keep_largest_component, remove_small_pieces
 from lib.roi import Locator, canvas_probs
 from lib.slices import (
     CaseMeta,
@@ -148,6 +148,6 @@ def segment_image(model: nn.Module, locator: Locator | None, data: dict[str, Any
     probs = patient_probs(model, slices.images, locator=locator, device=device, tta=tta, case=case)
     meta = CaseMeta(case, image.shape[1:], spacing, np.eye(4), "", "", resized=resized if cfg.on_canvas else None)
     volume = probs_to_volume(probs, meta)
-    if largest_component is None:  # the checkpoint's classes that are one piece in training
-        return keep_largest_component(volume, data.get("lcc_labels"))
-    return keep_largest_component(volume) if largest_component else volume
+    if largest_component is None and data.get("piece_thresholds") is not None:  # learned in training
+        return remove_small_pieces(volume, {int(k): v for k, v in data["piece_thresholds"].items()})
+    return keep_largest_component(volume) if largest_component is not False else volume

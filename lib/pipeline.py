@@ -21,7 +21,7 @@ from lib.atomic import write_json
 from lib.data_source import resolve_task
 from lib.msd import Task, read_geometry
 from lib.paths import run_dir as resolve_run_dir
-from lib.postprocess import one_piece_labels
+from lib.postprocess import piece_thresholds
 from lib.roi import Box, Locator, box_around, crop_cases
 from lib.slices import (
     SliceConfig,
@@ -102,11 +102,11 @@ class Run:
         return self.boxes
 
     @cached_property
-    def lcc_labels(self) -> list[int]:
-        """Foreground labels that are one connected piece in every training patient: the
-        classes whose predictions keep only their largest component."""
+    def piece_thresholds(self) -> dict[int, float]:
+        """Post-processing learned from the training patients: per label, the smallest piece a
+        prediction keeps, as a fraction of its largest (:func:`lib.postprocess.piece_thresholds`)."""
         masks = [load_slices(self.cache_dir, [cid]).masks.transpose(1, 2, 0) for cid in self.split["train"]]
-        return one_piece_labels(masks, self.labels)
+        return piece_thresholds(masks, self.labels)
 
     def all_slices(self) -> SliceSet:
         """The cached slices of every patient of the task."""
@@ -131,7 +131,7 @@ class Run:
             "num_classes": self.task.num_classes,
             "labels": {str(k): v for k, v in self.task.labels.items()},
             "split": {name: list(self.split[name]) for name in ("train", "val", "test")},
-            "lcc_labels": self.lcc_labels,
+            "piece_thresholds": {str(k): v for k, v in self.piece_thresholds.items()},
         }
 
 

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 
-def one_piece_labels(masks: Iterable[np.ndarray], labels: Sequence[int]) -> list[int]:
-    """The labels that form one connected component in every mask holding them: those whose
-    predictions :func:`keep_largest_component` may clean (nnU-Net decides this per class;
-    two lungs labelled alike, for example, must keep both pieces)."""
-    masks = list(masks)
-    kept = []
-    for lab in labels:
-        pieces = []
-        for mask in masks:
-            pieces.append(ndimage.label(mask == lab, structure=np.ones((3,) * mask.ndim, dtype=bool))[1])
-        if lab != 0 and max(pieces, default=0) <= 1:
-            kept.append(int(lab))
-    return kept
+def _pieces(mask: np.ndarray, label: int) -> np.ndarray:
+    """Connected components of ``label`` (full connectivity) and their sizes, largest first."""
+    components, n = ndimage.label(mask == label, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    return components, np.bincount(components.ravel(), minlength=n + 1)
+
+
+def piece_thresholds(masks: Iterable[np.ndarray], labels: Sequence[int]) -> dict[int, float]:
+    """How small a predicted piece of each label may be, learned from training masks: half the
+    smallest ratio of a piece to its mask's largest piece of that label (0.5 for a label that
+    is always one piece; two lungs labelled alike keep both). Labels never present are left out.
+    """
+    ratios: dict[int, list[float]] = {int(lab): [] for lab in labels if lab != 0}
+    for mask in masks:
+        for lab in ratios:
+            sizes = _pieces(mask, lab)[1][1:]
+            if sizes.size and sizes.max() > 0:
+                ratios[lab].append(float(sizes[sizes > 0].min() / sizes.max()))
+    return {lab: 0.5 * min(r) for lab, r in ratios.items() if r}
+
+
+def remove_small_pieces(mask: np.ndarray, thresholds: Mapping[int, float]) -> np.ndarray:
+    """Set to background every piece of a label smaller than ``thresholds[label]`` times that
+    label's largest piece (see :func:`piece_thresholds`); other labels are unchanged."""
+    mask = np.asarray(mask)
+    out = mask.copy()
+    for lab, fraction in thresholds.items():
+        components, sizes = _pieces(mask, int(lab))
+        sizes[0] = 0
+        if sizes.max() == 0:
+            continue
+        small = np.flatnonzero(sizes < fraction * sizes.max())
+        out[np.isin(components, small[small > 0])] = 0
+    return out
 
 
 def keep_largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:

@@ -120,8 +120,9 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
                largest_component: bool | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Score the model on the test patients; writes ``<name>/metrics.json`` and predictions.
 
-    ``largest_component``: keep each class's largest connected component; None: for the
-    classes that are one piece in every training patient (:attr:`Run.lcc_labels`), True: all.
+    ``largest_component``: True keeps each class's largest connected component, False
+    nothing; None drops the pieces smaller than the training patients allow
+    (:attr:`Run.piece_thresholds`: one-piece classes keep about their largest piece).
     """
     if run.slice_cfg.roi and run.locator is None:
         raise RuntimeError("this run crops a region of interest: call segment.train_locator(run, ...) first")
@@ -138,23 +139,30 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
         "split": {k: run.split[k] for k in ("train", "val", "test")},
     }
     return evaluate(model, run.canvas_slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
-                    largest_component=bool(run.lcc_labels) if largest_component is None else largest_component,
-                    lcc_labels=run.lcc_labels if largest_component is None else None, locator=run.locator, extra=extra)
+                    largest_component=largest_component is not False,
+                    pieces=run.piece_thresholds if largest_component is None else None, locator=run.locator, extra=extra)
 
 
 def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *,
                  device: str | torch.device = "cpu") -> tuple[Any, Path, str]:
-    """Segment one test patient: a contour grid figure and a GIF through its slices.
+    """Segment one test patient: a contour grid figure and a GIF through its slices. In a 2D
+    image folder, where each image is its own patient, the first 12 test images instead.
 
     Returns:
         The figure, the GIF path and the patient id (default: first test patient).
     """
     case_id = case_id or run.split["test"][0]
-    sl = run.slices("test").patient(case_id)
+    if run.task.is_2d:
+        sl = run.slices("test")
+        sl = sl.subset(np.arange(min(12, len(sl))))
+        title = f"{name} on the first {len(sl)} test images (each its own patient)"
+    else:
+        sl = run.slices("test").patient(case_id)
+        title = f"{name} on test patient {case_id}"
     pred = predict_probs(model, sl.images, device=device).argmax(1).numpy()
     images = sl.centre_images()
     classes = {k: v for k, v in run.task.labels.items() if k != 0}
-    fig = patient_grid(images, sl.masks, pred, title=f"{name} on test patient {case_id}", slice_index=sl.slice_index,
+    fig = patient_grid(images, sl.masks, pred, title=title, slice_index=None if run.task.is_2d else sl.slice_index,
                        class_names=classes)
     save_figure(fig, run.run_dir / name / f"patient_{case_id}.png")
     gif = patient_gif(images, sl.masks, pred, run.run_dir / name / f"patient_{case_id}.gif", class_names=classes)

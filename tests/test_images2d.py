@@ -120,7 +120,7 @@ def test_a_run_on_an_image_folder_predicts_new_images_at_their_own_size(tmp_path
     root = make_folder(tmp_path / "xray", n=8)
     run = prepare_run(str(root), tmp_path / "run", image_size=32, seed=0, context=1, spacing="median", roi=True,
                       progress=False)
-    assert run.context == 0 and run.slice_cfg.fit and not run.slice_cfg.roi and run.lcc_labels == [1]
+    assert run.context == 0 and run.slice_cfg.fit and not run.slice_cfg.roi and run.piece_thresholds == {1: 0.5}
     cfg = TrainConfig(epochs=1, batch_size=4, augment=None, device="cpu", patience=None)
     segment.train_model(run, "unet", segment.model_config(run, "unet", encoder_depth=3,
                         decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)

@@ -11,7 +11,7 @@ import torch
 from lib import segment
 from lib.msd import MSDDataError, from_canonical, read_task, to_canonical
 from lib.pipeline import prepare_run
-from lib.postprocess import one_piece_labels
+from lib.postprocess import piece_thresholds, remove_small_pieces
 from lib.predict import Predictor, _check_modality, find_inputs, main, predict
 from lib.slices import ct_window_from_data
 from lib.train import TrainConfig
@@ -113,10 +113,15 @@ def test_the_ct_window_comes_from_the_training_patients_labelled_voxels(tmp_path
     assert fixed.slice_cfg.ct_window == (-100.0, 300.0)
 
 
-def test_largest_component_filtering_is_kept_for_classes_that_are_one_piece():
-    one = np.zeros((10, 10, 3), np.uint8)
-    one[2:5, 2:5, 1] = 1
-    one[6:9, 6:9, 1] = 2
-    two = one.copy()
-    two[6:9, 6:9, 1] = 1  # class 1 in two pieces (two lungs), class 2 absent
-    assert one_piece_labels([one, two], [1, 2]) == [2]
+def test_pieces_smaller_than_training_allows_are_removed_and_two_lungs_kept():
+    one = np.zeros((20, 20, 1), np.uint8)
+    one[2:8, 2:8] = 1  # class 1: two pieces of 36 and 24 pixels (two lungs)
+    one[12:18, 2:6] = 1
+    one[2:6, 12:16] = 2  # class 2: one piece
+    thresholds = piece_thresholds([one], [1, 2, 3])
+    assert thresholds == {1: pytest.approx(0.5 * 24 / 36), 2: 0.5}
+    pred = one.copy()
+    pred[10, 10] = 1  # a speck of class 1 and a small second piece of class 2
+    pred[15:17, 15:17] = 2
+    cleaned = remove_small_pieces(pred, thresholds)
+    assert np.array_equal(cleaned, one)
