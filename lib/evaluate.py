@@ -149,6 +149,34 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
+def class_table(result: dict[str, Any], names: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per foreground class over the test cases: mean and sd of Dice, mean IoU, mean finite
+    HD95 with the count of infinite ones (a class missed or invented), and the mean true size.
+
+    Args:
+        result: metrics.json content; ``names``: class names by label (str) for the index.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    cases = list(result["cases"].values())
+    labels = sorted({k for c in cases for k in c.get("per_label", {})}, key=int)
+    if not labels:  # one foreground class: the case scores are its scores
+        per_case = {"1": cases}
+    else:
+        per_case = {lab: [c["per_label"][lab] for c in cases if lab in c.get("per_label", {})] for lab in labels}
+    for lab, scores in per_case.items():
+        hd = np.array([s["hd95"] for s in scores], dtype=float)
+        size = next((k for k in ("true_volume_ml", "true_area") if k in scores[0]), None)
+        rows[(names or {}).get(lab, f"class {lab}")] = {
+            "dice": float(np.nanmean([s["dice"] for s in scores])),
+            "dice_sd": float(np.nanstd([s["dice"] for s in scores])),
+            "iou": float(np.nanmean([s["iou"] for s in scores])),
+            "hd95": float(np.mean(hd[np.isfinite(hd)])) if np.isfinite(hd).any() else float("nan"),
+            "hd95_n_inf": int(np.isinf(hd).sum()),
+            **({f"mean_{size}": float(np.mean([s[size] for s in scores]))} if size else {}),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def postprocessing_table(out_dir: str | Path) -> pd.DataFrame:
     """Mean Dice / HD95 of each TTA / largest-component variant (from postprocessing.json)."""
     data = read_json(Path(out_dir) / "postprocessing.json")

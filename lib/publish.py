@@ -207,6 +207,7 @@ def _check_sizes(out: Path, written: list[Path]) -> None:
 
 def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = None) -> str:
     """The results folder's README.md: how it was made, headline tables, links to everything."""
+    from lib.evaluate import class_table
     from lib.segment import comparison_table  # the segmentation workflow is the reader here
     from lib.study import study_conclusions, study_table
 
@@ -226,10 +227,17 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
     table = comparison_table(run_dir)
     if len(table):
         lines += ["## Segmentation: test patients", "",
-                  "Mean per-patient 3D Dice and HD95 at the original resolution; validation Dice chose the "
-                  "checkpoint. Per-patient scores: `<model>/metrics.json`.", "", markdown_table(table), ""]
+                  "Mean per-patient 3D Dice and HD95 at the original resolution (a 2D image folder: per image, HD95 in "
+                  "pixels unless a pixel spacing is given); validation Dice chose the checkpoint. Per-patient scores: "
+                  "`<model>/metrics.json`.", "", markdown_table(table), ""]
         if (out / "comparison.png").is_file():
             lines += ["![model comparison](comparison.png)", ""]
+        labels = read_json(run_dir / "run.json").get("labels", {})
+        if len(labels) > 2:  # several classes: each scored on its own
+            for model in table.index:
+                metrics = read_json(run_dir / model / "metrics.json")
+                lines += [f"Per class, {model} (mean over test patients; `hd95_n_inf`: patients where the class "
+                          "was missed or invented):", "", markdown_table(class_table(metrics, labels)), ""]
     if (out / "cross_validation" / "README.md").is_file():
         lines += ["## Cross-validation", "", "[cross_validation/](cross_validation/README.md): every patient tested "
                   "once, with the per-fold records.", ""]

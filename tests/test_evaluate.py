@@ -147,3 +147,19 @@ def test_figures_and_gif(test_set, tmp_path):
     path = patient_gif(p.images, p.masks, p.masks, tmp_path / "x.gif", scale=1)
     frames = iio.imread(path, index=None)
     assert frames.shape[0] == 8 and frames.shape[2] == 3 * 32
+
+
+def test_class_table_scores_each_class_on_its_own():
+    from lib.evaluate import class_table
+
+    def case(d1, d2, h2):
+        return {"per_label": {"1": {"dice": d1, "iou": d1, "hd95": 2.0, "true_volume_ml": 1.0},
+                              "2": {"dice": d2, "iou": d2, "hd95": h2, "true_volume_ml": 3.0}}}
+
+    table = class_table({"cases": {"a": case(0.9, 0.0, float("inf")), "b": case(0.7, 0.6, 4.0)}},
+                        {"1": "brainstem", "2": "cord"})
+    assert list(table.index) == ["brainstem", "cord"]
+    assert table.loc["brainstem", "dice"] == pytest.approx(0.8) and table.loc["cord", "dice_sd"] == pytest.approx(0.3)
+    assert table.loc["cord", "hd95"] == 4.0 and table.loc["cord", "hd95_n_inf"] == 1
+    single = class_table({"cases": {"a": {"dice": 0.5, "iou": 0.3, "hd95": 1.0, "true_area": 10.0}}})
+    assert single.loc["class 1", "mean_true_area"] == 10.0
