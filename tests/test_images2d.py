@@ -10,6 +10,7 @@ from lib import segment
 from lib.data_source import resolve_task
 from lib.images2d import (
     from_volume_axes,
+    read_image,
     read_image_folder,
     read_mask,
     to_volume_axes,
@@ -147,3 +148,15 @@ def test_a_run_on_an_image_folder_predicts_new_images_at_their_own_size(tmp_path
     again = predict(run.run_dir / "unet" / "best.pt", new / f"{case}.png", tmp_path / "out", overwrite=True,
                     progress=False)
     assert again.loc[case, "error"] == ""
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_jpg_and_tiff_images_are_read_with_png_masks(tmp_path, suffix):
+    root = make_folder(tmp_path / "f", n=3)
+    for path in sorted((root / "images").glob("*.png")):
+        Image.open(path).save(path.with_suffix(suffix))
+        path.unlink()
+    task = read_image_folder(root)
+    assert [c.image.suffix for c in task.cases] == [suffix] * 3
+    image = read_image(task.cases[0].image)
+    assert image.shape == (1, 56, 40, 1) and image.max() > 100
