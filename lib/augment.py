@@ -8,6 +8,8 @@ never waiting for a per-sample CPU pipeline and the CPU path stays vectorised.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,9 +31,37 @@ class AugmentConfig:
     gamma: tuple[float, float] = (0.8, 1.25)
     noise_std: float = 0.05
     p: float = 0.5
+    mirror_swap: tuple[tuple[int, int], ...] = ()  # label pairs exchanged in mirrored samples (left/right organs)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_SIDE = re.compile(r"(?:^|[^a-z])(left|right|l|r)(?:$|[^a-z])|(left|right)")
+
+
+def lateral_pairs(labels: Mapping[int, str]) -> tuple[tuple[int, int], ...]:
+    """Label pairs that are mirror images of each other: names that differ only by left/right
+    (``LeftParotid``/``RightParotid``, ``kidney_L``/``kidney_R``). A mirrored slice shows the
+    left organ where and as the right one would be, so flips must exchange these labels."""
+    found: dict[str, dict[str, int]] = {}
+    for label, name in labels.items():
+        low = name.lower()
+        match = _SIDE.search(low)
+        if match is None:
+            continue
+        side = (match.group(1) or match.group(2))[0]
+        rest = (low[:match.start()] + "|" + low[match.end():]).strip(" _-|")
+        found.setdefault(rest, {})[side] = int(label)
+    return tuple(sorted((d["l"], d["r"]) for d in found.values() if set(d) == {"l", "r"}))
+
+
+def swap_table(pairs: Sequence[tuple[int, int]], classes: int) -> torch.Tensor:
+    """Index table mapping each class to its mirror partner (itself when it has none)."""
+    table = torch.arange(classes)
+    for a, b in pairs:
+        table[a], table[b] = b, a
+    return table
 
 
 def _apply(mask_p: torch.Tensor, value: torch.Tensor, identity: float) -> torch.Tensor:
@@ -43,8 +73,10 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.dev
     return torch.rand(n, generator=g, device="cpu").to(device) * (hi - lo) + lo
 
 
-def spatial_grid(n: int, size: tuple[int, int], cfg: AugmentConfig, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Random sampling grid (N, H, W, 2) combining flip, rotation, scale and elastic warp."""
+def spatial_grid(n: int, size: tuple[int, int], cfg: AugmentConfig, g: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random sampling grid (N, H, W, 2) combining flip, rotation, scale and elastic warp, and
+    which samples it mirrors (one flip: a reflection; two flips are a rotation)."""
     draw = lambda: torch.rand(n, generator=g).to(device) < cfg.p  # noqa: E731
     angle = _apply(draw(), _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, g, device), 0.0) * math.pi / 180
     scale = _apply(draw(), _uniform(n, *cfg.scale, g, device), 1.0)
@@ -63,7 +95,7 @@ def spatial_grid(n: int, size: tuple[int, int], cfg: AugmentConfig, g: torch.Gen
         coarse = coarse * draw().float()[:, None, None, None]
         field = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
         grid = grid + field.permute(0, 2, 3, 1)
-    return grid
+    return grid, flip_x * flip_y < 0
 
 
 def intensity(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
@@ -96,7 +128,12 @@ def augment_batch(
     Returns:
         Augmented images (N, C, H, W) and masks (N, H, W) of the input dtypes.
     """
-    grid = spatial_grid(images.shape[0], images.shape[-2:], cfg, g, images.device)
+    grid, mirrored = spatial_grid(images.shape[0], images.shape[-2:], cfg, g, images.device)
     images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
     masks = F.grid_sample(masks[:, None].float(), grid.float(), mode="nearest", padding_mode="zeros", align_corners=False)
-    return intensity(images, cfg, g), masks[:, 0].to(torch.long)
+    masks = masks[:, 0].to(torch.long)
+    if cfg.mirror_swap:
+        table = swap_table(cfg.mirror_swap, int(max(max(p) for p in cfg.mirror_swap)) + 1).to(masks.device)
+        swapped = table[masks.clamp_max(len(table) - 1)]
+        masks = torch.where(mirrored[:, None, None] & (masks < len(table)), swapped, masks)
+    return intensity(images, cfg, g), masks

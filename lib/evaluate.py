@@ -49,6 +49,7 @@ def evaluate(
     compare_postprocessing: bool = True,
     locator: Locator | None = None,
     pieces: dict[int, float] | None = None,
+    swap: list[tuple[int, int]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
@@ -62,6 +63,7 @@ def evaluate(
             holds whole canvas slices (see :func:`lib.inference.patient_probs`).
         pieces: component filtering learned from training (:func:`lib.postprocess.piece_thresholds`)
             applied where ``largest_component`` is on; None: keep each label's largest component.
+        swap: class pairs that are mirror images, exchanged in flipped TTA copies.
         extra: added to metrics.json (e.g. training time, parameters).
 
     Returns:
@@ -81,7 +83,8 @@ def evaluate(
         plain_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         if tta or compare_postprocessing:
-            probs[True] = patient_probs(model, sl.images, locator=locator, device=device, tta=True, case=cid)
+            probs[True] = patient_probs(model, sl.images, locator=locator, device=device, tta=True, swap=swap or (),
+                                        case=cid)
         tta_seconds = time.perf_counter() - t0
         original = {flag: probs_to_original(p, meta) for flag, p in probs.items()}
         for name, (v_tta, v_lcc) in VARIANTS.items():

@@ -5,6 +5,7 @@ New, unlabelled scans are segmented by :mod:`lib.predict`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def predict_probs(
     batch_size: int = 64,
     amp: bool = True,
     tta: bool = False,
+    swap: Sequence[tuple[int, int]] = (),
 ) -> torch.Tensor:
     """Class probabilities for a stack of slices.
 
@@ -49,6 +51,7 @@ def predict_probs(
         images: (N, C, H, W) normalised slices (float16 or float32).
         amp: mixed precision where :func:`lib.env.amp_dtype` gives a dtype for ``device``.
         tta: average over horizontal, vertical and both flips.
+        swap: class pairs that are mirror images (left/right organs, see :func:`lib.postprocess.flip_tta`).
 
     Returns:
         float32 (N, K, H, W) on the CPU, K = number of classes.
@@ -64,18 +67,19 @@ def predict_probs(
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device).float()
         x = x.contiguous(memory_format=torch.channels_last)
-        out.append((flip_tta(run, x) if tta else run(x)).float().cpu())
+        out.append((flip_tta(run, x, swap=swap) if tta else run(x)).float().cpu())
     return torch.cat(out)
 
 
 def patient_probs(model: nn.Module, images: np.ndarray, *, locator: Locator | None = None,
-                  device: str | torch.device = "cpu", tta: bool = False, case: str = "") -> torch.Tensor:
+                  device: str | torch.device = "cpu", tta: bool = False, swap: Sequence[tuple[int, int]] = (),
+                  case: str = "") -> torch.Tensor:
     """Class probabilities of one patient's cached slices (Z, C, S, S), on the cached grid.
 
     With a ``locator`` (region of interest) the model segments the located crop of the
     canvas, or the whole canvas in windows where nothing is found (see :mod:`lib.roi`).
     """
-    predict = lambda x: predict_probs(model, x, device=device, tta=tta)  # noqa: E731
+    predict = lambda x: predict_probs(model, x, device=device, tta=tta, swap=swap)  # noqa: E731
     return predict(images) if locator is None else canvas_probs(predict, images, locator, case, device)
 
 
@@ -145,7 +149,8 @@ def segment_image(model: nn.Module, locator: Locator | None, data: dict[str, Any
     z = len(images)
     slices = with_context(SliceSet(images, np.zeros((z, 1, 1), np.uint8), np.full(z, case), np.arange(z), {}),
                           data["context_slices"])
-    probs = patient_probs(model, slices.images, locator=locator, device=device, tta=tta, case=case)
+    probs = patient_probs(model, slices.images, locator=locator, device=device, tta=tta,
+                          swap=[tuple(p) for p in data.get("mirror_pairs", ())], case=case)
     meta = CaseMeta(case, image.shape[1:], spacing, np.eye(4), "", "", resized=resized if cfg.on_canvas else None)
     volume = probs_to_volume(probs, meta)
     if largest_component is None and data.get("piece_thresholds") is not None:  # learned in training

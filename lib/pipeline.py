@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lib.atomic import write_json
+from lib.augment import lateral_pairs
 from lib.data_source import resolve_task
 from lib.msd import Task, read_geometry
 from lib.paths import run_dir as resolve_run_dir
@@ -101,6 +102,11 @@ class Run:
             self.boxes[case.case_id] = box or (centre, centre)
         return self.boxes
 
+    @property
+    def mirror_pairs(self) -> list[tuple[int, int]]:
+        """Label pairs that are mirror images (left/right organs): flips exchange them."""
+        return list(lateral_pairs(self.task.labels))
+
     @cached_property
     def piece_thresholds(self) -> dict[int, float]:
         """Post-processing learned from the training patients: per label, the smallest piece a
@@ -132,6 +138,7 @@ class Run:
             "labels": {str(k): v for k, v in self.task.labels.items()},
             "split": {name: list(self.split[name]) for name in ("train", "val", "test")},
             "piece_thresholds": {str(k): v for k, v in self.piece_thresholds.items()},
+            "mirror_pairs": [list(p) for p in self.mirror_pairs],
         }
 
 

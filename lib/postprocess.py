@@ -78,6 +78,7 @@ def flip_tta(
     predict_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     dims: Sequence[Sequence[int]] = ((3,), (2,), (2, 3)),
+    swap: Sequence[tuple[int, int]] = (),
 ) -> torch.Tensor:
     """Average predicted probabilities over the identity and mirrored copies of a batch.
 
@@ -89,6 +90,8 @@ def flip_tta(
             already applied).
         images: batch of shape (N, C, H, W).
         dims: spatial dimensions to flip, one tuple per augmented copy (2 = H, 3 = W).
+        swap: class pairs that are mirror images (left/right organs): a copy flipped along one
+            axis predicts each as its partner, so their channels are exchanged back.
 
     Returns:
         Mean probabilities, shape (N, K, H, W).
@@ -97,5 +100,11 @@ def flip_tta(
         total = predict_fn(images).clone()
         for d in dims:
             d = tuple(d)
-            total += torch.flip(predict_fn(torch.flip(images, d)), d)
+            probs = torch.flip(predict_fn(torch.flip(images, d)), d)
+            if swap and len(d) == 1:
+                order = list(range(probs.shape[1]))
+                for a, b in swap:
+                    order[a], order[b] = b, a
+                probs = probs[:, order]
+            total += probs
         return total / (1 + len(dims))

@@ -140,7 +140,8 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
     }
     return evaluate(model, run.canvas_slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
                     largest_component=largest_component is not False,
-                    pieces=run.piece_thresholds if largest_component is None else None, locator=run.locator, extra=extra)
+                    pieces=run.piece_thresholds if largest_component is None else None, swap=run.mirror_pairs,
+                    locator=run.locator, extra=extra)
 
 
 def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *,

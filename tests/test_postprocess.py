@@ -96,3 +96,10 @@ def test_flip_tta_position_dependent_model() -> None:
     expected = (predict(images) + torch.flip(predict(torch.flip(images, (3,))), (3,))) / 2
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(flip_tta(predict, images, dims=()), predict(images))
+
+
+def test_flip_tta_exchanges_mirror_pairs_in_single_flips_only() -> None:
+    probs = torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    out = flip_tta(lambda x: probs[: len(x)], torch.zeros(2, 1, 4, 4), swap=[(1, 2)])
+    # identity and the double flip keep (0.5, 0.3); the two single flips give (0.3, 0.5)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.2, 0.4, 0.4]))
