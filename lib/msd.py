@@ -46,6 +46,11 @@ class Task:
         return bool(self.cases) and not self.cases[0].image.name.endswith((".nii", ".nii.gz"))
 
     @property
+    def distance_unit(self) -> str:
+        """Unit of HD95 and other distances: "px" for 2D images without a pixel spacing, else "mm"."""
+        return "px" if self.is_2d and not self.pixel_spacing else "mm"
+
+    @property
     def channels(self) -> int:
         """Number of image channels (modalities)."""
         return len(self.modalities)

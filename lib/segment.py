@@ -136,6 +136,7 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
         "best_epoch": meta.get("epoch"),
         "best_val_dice": meta.get("best_val_dice"),
         "image_size": run.slice_cfg.image_size,
+        "hd95_unit": run.task.distance_unit,
         "split": {k: run.split[k] for k in ("train", "val", "test")},
     }
     return evaluate(model, run.canvas_slices("test"), run.labels, run.run_dir / name, device=device, tta=tta,
@@ -194,6 +195,7 @@ def comparison_table(run_dir: str | Path, names: list[str] | None = None) -> pd.
             "test_dice": m["mean"]["dice"],
             "test_dice_std": m["std"]["dice"],
             "test_hd95_mm": m["mean"]["hd95"],
+            "hd95_unit": m.get("hd95_unit", "mm"),
             "val_dice": m["best_val_dice"],
             "epochs": m["epochs_trained"],
             "train_min": (m["train_seconds"] or 0) / 60,
@@ -269,7 +271,8 @@ def comparison_figure(table: pd.DataFrame):
     axes[0].bar(names, table["test_dice"], yerr=table["test_dice_std"], capsize=3)
     axes[0].set(title="test Dice (mean ± sd over patients)", ylim=(0, 1))
     axes[1].bar(names, table["test_hd95_mm"])
-    axes[1].set(title="test HD95 (mm, lower is better)")
+    unit = table["hd95_unit"].iloc[0] if "hd95_unit" in table else "mm"
+    axes[1].set(title=f"test HD95 ({unit}, lower is better)")
     axes[2].bar(names, table["train_min"])
     axes[2].set(title="training time (min)")
     axes[3].bar(names, table["params_M"])
@@ -301,7 +304,7 @@ def recommend(table: pd.DataFrame, tolerance: float = 0.01, faster: float = 0.9)
     return (
         f"Recommendation: {choice} ({row['arch']} / {row['encoder']}): {why}. "
         f"Validation Dice {row['val_dice']:.3f}, test Dice {row['test_dice']:.3f} ± {row['test_dice_std']:.3f}, "
-        f"HD95 {row['test_hd95_mm']:.1f} mm, {row['train_min']:.1f} min training, "
+        f"HD95 {row['test_hd95_mm']:.1f} {row.get('hd95_unit', 'mm')}, {row['train_min']:.1f} min training, "
         f"{row['infer_s_per_volume']:.2f} s per volume, {row['params_M']:.1f} M parameters. "
         f"Ranking by validation Dice: {', '.join(f'{n} {v:.3f}' for n, v in ranked['val_dice'].items())}. "
         f"Caveat: {len(table)} models on one split and one seed; differences below the patient-to-patient "
