@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -297,3 +298,24 @@ def summarise(cases: Mapping[str, Mapping[str, float]]) -> dict:
             out[stat][key] = float(fn(finite)) if finite.size else math.nan
     out["n_cases"] = len(cases)
     return out
+
+
+def paired_bootstrap(differences: Sequence[float], n_boot: int = 10_000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, Any]:
+    """Mean of paired differences (e.g. per-patient Dice of model A minus model B on the same
+    patients) with a percentile bootstrap interval that resamples the pairs.
+
+    The verdict is "higher" only when the whole interval is above 0, "lower" only when it is
+    below 0, otherwise "no clear difference". Non-finite differences are left out.
+
+    Raises:
+        ValueError: no finite difference to resample.
+    """
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        raise ValueError("paired_bootstrap: no finite paired differences")
+    means = d[np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    verdict = "higher" if low > 0 else "lower" if high < 0 else "no clear difference"
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size), "verdict": verdict}

@@ -208,7 +208,10 @@ def _check_sizes(out: Path, written: list[Path]) -> None:
 def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = None) -> str:
     """The results folder's README.md: how it was made, headline tables, links to everything."""
     from lib.evaluate import class_table
-    from lib.segment import comparison_table  # the segmentation workflow is the reader here
+    from lib.segment import (  # the segmentation workflow is the reader here
+        comparison_table,
+        paired_differences,
+    )
     from lib.study import study_conclusions, study_table
 
     lines = [f"# Results: {dataset}", "",
@@ -230,6 +233,11 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
                   "Mean per-patient 3D Dice and HD95 at the original resolution (a 2D image folder: per image, HD95 in "
                   "pixels unless a pixel spacing is given); validation Dice chose the checkpoint. Per-patient scores: "
                   "`<model>/metrics.json`.", "", markdown_table(table), ""]
+        paired = paired_differences(run_dir)
+        if len(paired):
+            lines += ["Paired differences in per-patient test Dice to the model with the best validation Dice, with a "
+                      "95 % bootstrap interval over the same test patients (a verdict only when it excludes 0):", "",
+                      markdown_table(paired), ""]
         if (out / "comparison.png").is_file():
             lines += ["![model comparison](comparison.png)", ""]
         labels = read_json(run_dir / "run.json").get("labels", {})

@@ -21,6 +21,7 @@ from lib.checkpoint import check_compatible, load_model
 from lib.env import get_device
 from lib.evaluate import evaluate
 from lib.inference import predict_probs
+from lib.metrics import paired_bootstrap
 from lib.models import ModelConfig, count_parameters
 from lib.pipeline import Run
 from lib.roi import LOCATOR_SIZE, locator_config, locator_slices
@@ -203,6 +204,24 @@ def comparison_table(run_dir: str | Path, names: list[str] | None = None) -> pd.
             "params_M": m["parameters"] / 1e6,
         }
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def paired_differences(run_dir: str | Path, reference: str | None = None, names: list[str] | None = None,
+                       key: str = "dice") -> pd.DataFrame:
+    """Each model against ``reference`` (default: the best validation Dice) on the same test patients:
+    the mean paired difference in per-patient ``key`` with a 95 % bootstrap interval and a verdict
+    (:func:`lib.metrics.paired_bootstrap`). Empty with fewer than two models."""
+    table = comparison_table(run_dir, names)
+    if len(table) < 2:
+        return pd.DataFrame()
+    reference = reference or str(table["val_dice"].idxmax())
+    cases = {n: read_json(Path(run_dir) / n / "metrics.json")["cases"] for n in table.index}
+    rows = {}
+    for name in table.index.drop(reference):
+        common = sorted(set(cases[name]) & set(cases[reference]))
+        diffs = [cases[name][c][key] - cases[reference][c][key] for c in common]
+        rows[f"{name} − {reference}"] = paired_bootstrap(diffs)
+    return pd.DataFrame.from_dict(rows, orient="index").rename(columns=lambda c: f"{key}_{c}" if c != "n" else c)
 
 
 def cross_validation_table(fold_dirs: list[str | Path], name: str) -> pd.DataFrame:

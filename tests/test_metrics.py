@@ -14,6 +14,7 @@ from lib.metrics import (
     dice_from_counts,
     hd95,
     iou,
+    paired_bootstrap,
     per_slice_dice,
     score_case,
     summarise,
@@ -284,3 +285,14 @@ def test_summarise_all_nan() -> None:
     assert math.isnan(out["mean"]["dice"])
     assert math.isnan(out["mean"]["hd95"])
     assert out["n_inf"]["hd95"] == 1
+
+
+def test_paired_bootstrap_gives_a_verdict_only_when_the_interval_excludes_zero() -> None:
+    rng = np.random.default_rng(1)
+    better = paired_bootstrap(0.05 + 0.01 * rng.standard_normal(20))
+    assert better["verdict"] == "higher" and 0 < better["low"] < better["mean"] < better["high"] and better["n"] == 20
+    assert paired_bootstrap(-0.05 + 0.01 * rng.standard_normal(20))["verdict"] == "lower"
+    noisy = paired_bootstrap([0.1, -0.1, 0.12, -0.09, float("nan")])
+    assert noisy["verdict"] == "no clear difference" and noisy["n"] == 4 and noisy["low"] < 0 < noisy["high"]
+    with pytest.raises(ValueError, match="no finite"):
+        paired_bootstrap([float("nan")])

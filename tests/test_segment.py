@@ -126,3 +126,24 @@ def test_trials_and_variants_keep_metrics_not_checkpoints_and_show_progress(tmp_
     assert not list(run.run_dir.glob("hp/**/*.pt")) and not list((run.run_dir / "unet_narrow").glob("*.pt"))
     assert (run.run_dir / "unet_narrow" / "metrics.json").is_file()
     assert segment.choose_learning_rate(run, small_cfg(run), CFG, [], epochs=1).empty
+
+
+def test_paired_differences_pair_models_by_test_patient_against_the_best_validation_model(tmp_path):
+    def write(name, val_dice, dice):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "model_config": {"arch": name, "encoder_name": "r18"}, "best_val_dice": val_dice, "epochs_trained": 3,
+            "train_seconds": 60, "parameters": 1e6, "std": {"dice": 0.1},
+            "mean": {"dice": float(np.mean(list(dice.values()))), "hd95": 2.0, "inference_seconds_per_volume": 0.1},
+            "cases": {c: {"dice": d} for c, d in dice.items()}}))
+
+    cases = [f"p{i}" for i in range(8)]
+    write("unet", 0.9, {c: 0.80 + 0.01 * i for i, c in enumerate(cases)})
+    write("fpn", 0.8, {c: 0.70 + 0.01 * i for i, c in enumerate(cases)})  # 0.1 lower on every patient
+    write("psp", 0.7, {c: 0.80 + (0.05 if i % 2 else -0.05) + 0.01 * i for i, c in enumerate(cases)})
+    table = segment.paired_differences(tmp_path)
+    assert set(table.index) == {"fpn − unet", "psp − unet"}
+    assert table.loc["fpn − unet", "dice_mean"] == pytest.approx(-0.1) and table.loc["fpn − unet", "n"] == 8
+    assert table.loc["fpn − unet", "dice_verdict"] == "lower"
+    assert table.loc["psp − unet", "dice_verdict"] == "no clear difference"
+    assert segment.paired_differences(tmp_path, names=["unet"]).empty
