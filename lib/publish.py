@@ -249,6 +249,9 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
     if (out / "cross_validation" / "README.md").is_file():
         lines += ["## Cross-validation", "", "[cross_validation/](cross_validation/README.md): every patient tested "
                   "once, with the per-fold records.", ""]
+    others = [d for d in _sub_results(out) if d.name != "cross_validation"]
+    if others:
+        lines += ["## Other runs published here", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in others], ""]
     lines += _figure_links(out)
     quality = run_dir / "generators" / "quality.json"
     if quality.is_file():
@@ -277,9 +280,16 @@ def _quality_section(quality: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sub_results(out: Path) -> list[Path]:
+    """Sub-folders published on their own (each with its index), e.g. a cross-validation or another run."""
+    return sorted(p.parent for p in out.glob("*/README.md"))
+
+
 def _figure_links(out: Path) -> list[str]:
+    own = _sub_results(out)
     figures = sorted(p.relative_to(out) for p in out.rglob("*") if p.suffix in (".png", ".gif")
-                     and p.parent.name != "notebooks" and p.name != "comparison.png")
+                     and p.parent.name != "notebooks" and p.name != "comparison.png"
+                     and not any(d in p.parents for d in own))
     if not figures:
         return []
     return ["## Figures", "", *[f"- [{p}]({p})" for p in figures], ""]

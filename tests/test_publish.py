@@ -128,3 +128,11 @@ def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path)
     assert "Mean over 3 patients: Dice 0.817" in index and "lowest patient 0.850" in index and "make cv" in index
     with pytest.raises(FileNotFoundError, match="no cross_validation.csv"):
         publish.publish_cross_validation(tmp_path, "unet", "TaskX", tmp_path / "results")
+
+
+def test_runs_published_in_a_sub_folder_are_linked_from_the_index_and_keep_their_figures(tmp_path):
+    run = fake_run(tmp_path, noise_png(64))
+    out = publish.publish(run, results_root=tmp_path / "results", dataset="Task99_Test/demo_preset")
+    index = (publish.publish(run, results_root=tmp_path / "results") / "README.md").read_text()
+    assert "- [demo_preset/](demo_preset/README.md)" in index and (out / "unet" / "curves.png").is_file()
+    assert "demo_preset/unet/curves.png" not in index and "(unet/curves.png)" in index
