@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lib import diffusion, vae
 from lib.atomic import read_json, write_json
 from lib.inference import predict_probs, probs_to_volume
-from lib.metrics import dice
+from lib.metrics import dice, paired_bootstrap
 from lib.models import ModelConfig
 from lib.msd import read_label
 from lib.pipeline import Run
@@ -227,25 +227,38 @@ def study_figure(records: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def study_conclusions(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Each setting against "real only" at the same n_real, paired by seed.
+def _pairs(record: dict[str, Any], base: dict[str, Any]) -> list[float]:
+    """Per-test-patient Dice differences of ``record`` against ``base`` (same seed and training
+    subset); the mean Dice alone when a record has no per-patient scores."""
+    a, b = record.get("per_patient_dice"), base.get("per_patient_dice")
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [record["mean_dice"] - base["mean_dice"]]
+    return [a[p] - b[p] for p in sorted(set(a) & set(b))]
 
-    Columns: mean Dice difference (points), sd of the paired differences, the
-    seed-to-seed sd of the real-only runs, and whether the gain exceeds both spreads.
+
+def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed: int = 0,
+                      min_pairs: int = 6) -> pd.DataFrame:
+    """Each setting against "real only" at the same n_real: the mean paired difference in
+    per-patient test Dice (paired by seed, hence training subset, and by test patient) with a 95 %
+    bootstrap interval over the pairs (:func:`lib.metrics.paired_bootstrap`).
+
+    The verdict is "helps" only when the interval is above 0, "hurts" only when it is below 0,
+    otherwise "no clear difference"; with fewer than ``min_pairs`` pairs a bootstrap interval means
+    little, and the verdict says "too few pairs". Differences are in Dice points (x100).
     """
     df = pd.DataFrame(records)
     df["setting"] = df.apply(_label, axis=1)
-    base = df[df["condition"] == "real"].set_index(["n_real", "seed"])["mean_dice"]
+    base = {(r["n_real"], r["seed"]): r for r in records if r["condition"] == "real"}
     rows = []
     for (n, setting), group in df[df["condition"] != "real"].groupby(["n_real", "setting"]):
-        paired = [(g["mean_dice"] - base[(n, g["seed"])]) for _, g in group.iterrows() if (n, g["seed"]) in base]
-        if not paired:
+        matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
+        diffs = [d for r, b in matched for d in _pairs(r, b)]
+        if not np.isfinite(diffs).any():
             continue
-        delta = 100 * float(np.mean(paired))
-        sd_delta = 100 * float(np.std(paired, ddof=1)) if len(paired) > 1 else float("nan")
-        sd_real = 100 * float(base.loc[n].std(ddof=1)) if len(base.loc[n]) > 1 else float("nan")
-        beyond = bool(len(paired) > 1 and abs(delta) > np.nanmax([sd_delta, sd_real]))
-        rows.append({"n_real": n, "setting": setting, "delta_dice_points": delta, "sd_paired_delta": sd_delta,
-                     "sd_real_only": sd_real, "seeds": len(paired), "beyond_seed_spread": beyond,
-                     "verdict": ("helps" if delta > 0 else "hurts") if beyond else "no clear difference"})
-    return pd.DataFrame(rows).set_index(["n_real", "setting"])
+        ci = paired_bootstrap(diffs, n_boot=n_boot, seed=seed)
+        rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * ci["mean"],
+                     "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"], "seeds": len(matched), "pairs": ci["n"],
+                     "verdict": "too few pairs" if ci["n"] < min_pairs
+                     else {"higher": "helps", "lower": "hurts"}.get(ci["verdict"], ci["verdict"])})
+    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "seeds", "pairs", "verdict"]
+    return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])

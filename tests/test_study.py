@@ -58,12 +58,21 @@ def test_impossible_requests(run):
         study.train_generator("gan", run.slices("train"), configs()["vae"], run.run_dir / "x", "cpu")
 
 
-def test_conclusions_compare_with_seed_spread():
+def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond_the_interval():
     records = []
-    for seed, (real, synth) in enumerate([(0.50, 0.60), (0.52, 0.63), (0.48, 0.59)]):
+    for seed, (real, gain) in enumerate([(0.50, 0.10), (0.52, 0.11), (0.48, 0.09)]):
         base = {"generator": None, "n_real": 1, "ratio": 0.0, "seed": seed}
-        records.append(base | {"condition": "real", "mean_dice": real})
-        records.append(base | {"condition": "real+synthetic", "generator": "diffusion", "ratio": 1.0, "mean_dice": synth})
-    row = study.study_conclusions(records).loc[(1, "real + diffusion x1")]
-    assert row["delta_dice_points"] == pytest.approx(10.667, abs=0.01)
-    assert row["beyond_seed_spread"] and row["verdict"] == "helps"
+        patients = {f"p{i}": real + 0.02 * i for i in range(4)}
+        records.append(base | {"condition": "real", "mean_dice": real, "per_patient_dice": patients})
+        records.append(base | {"condition": "real+synthetic", "generator": "diffusion", "ratio": 1.0,
+                               "per_patient_dice": {p: d + gain for p, d in patients.items()}, "mean_dice": 0})
+        noisy = {p: d + (0.2 if i % 2 else -0.2) for i, (p, d) in enumerate(patients.items())}
+        records.append(base | {"condition": "synthetic", "generator": "diffusion", "ratio": None,
+                               "per_patient_dice": noisy, "mean_dice": 0})
+    table = study.study_conclusions(records)
+    helps = table.loc[(1, "real + diffusion x1")]
+    assert helps["delta_dice_points"] == pytest.approx(10.0) and helps["pairs"] == 12 and helps["seeds"] == 3
+    assert 9 <= helps["ci_low"] <= helps["ci_high"] <= 11 and helps["verdict"] == "helps"
+    unclear = table.loc[(1, "diffusion only")]
+    assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
+    assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
