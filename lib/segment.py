@@ -195,7 +195,7 @@ def comparison_table(run_dir: str | Path, names: list[str] | None = None) -> pd.
             "encoder": m["model_config"]["encoder_name"],
             "test_dice": m["mean"]["dice"],
             "test_dice_std": m["std"]["dice"],
-            "test_hd95_mm": m["mean"]["hd95"],
+            "test_hd95": m["mean"]["hd95"],
             "hd95_unit": m.get("hd95_unit", "mm"),
             "val_dice": m["best_val_dice"],
             "epochs": m["epochs_trained"],
@@ -289,7 +289,7 @@ def comparison_figure(table: pd.DataFrame):
     names = list(table.index)
     axes[0].bar(names, table["test_dice"], yerr=table["test_dice_std"], capsize=3)
     axes[0].set(title="test Dice (mean ± sd over patients)", ylim=(0, 1))
-    axes[1].bar(names, table["test_hd95_mm"])
+    axes[1].bar(names, table["test_hd95"])
     unit = table["hd95_unit"].iloc[0] if "hd95_unit" in table else "mm"
     axes[1].set(title=f"test HD95 ({unit}, lower is better)")
     axes[2].bar(names, table["train_min"])
@@ -323,7 +323,7 @@ def recommend(table: pd.DataFrame, tolerance: float = 0.01, faster: float = 0.9)
     return (
         f"Recommendation: {choice} ({row['arch']} / {row['encoder']}): {why}. "
         f"Validation Dice {row['val_dice']:.3f}, test Dice {row['test_dice']:.3f} ± {row['test_dice_std']:.3f}, "
-        f"HD95 {row['test_hd95_mm']:.1f} {row.get('hd95_unit', 'mm')}, {row['train_min']:.1f} min training, "
+        f"HD95 {row['test_hd95']:.1f} {row.get('hd95_unit', 'mm')}, {row['train_min']:.1f} min training, "
         f"{row['infer_s_per_volume']:.2f} s per volume, {row['params_M']:.1f} M parameters. "
         f"Ranking by validation Dice: {', '.join(f'{n} {v:.3f}' for n, v in ranked['val_dice'].items())}. "
         f"Caveat: {len(table)} models on one split and one seed; differences below the patient-to-patient "

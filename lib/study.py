@@ -236,15 +236,24 @@ def _pairs(record: dict[str, Any], base: dict[str, Any]) -> list[float]:
     return [a[p] - b[p] for p in sorted(set(a) & set(b))]
 
 
+def _verdict(ci: dict[str, Any], seeds: int, min_seeds: int, min_pairs: int) -> str:
+    if seeds < min_seeds:
+        return "too few seeds"
+    if ci["n"] < min_pairs:
+        return "too few pairs"
+    return {"higher": "helps", "lower": "hurts"}.get(ci["verdict"], ci["verdict"])
+
+
 def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed: int = 0,
-                      min_pairs: int = 6) -> pd.DataFrame:
+                      min_pairs: int = 6, min_seeds: int = 3) -> pd.DataFrame:
     """Each setting against "real only" at the same n_real: the mean paired difference in
     per-patient test Dice (paired by seed, hence training subset, and by test patient) with a 95 %
     bootstrap interval over the pairs (:func:`lib.metrics.paired_bootstrap`).
 
     The verdict is "helps" only when the interval is above 0, "hurts" only when it is below 0,
-    otherwise "no clear difference"; with fewer than ``min_pairs`` pairs a bootstrap interval means
-    little, and the verdict says "too few pairs". Differences are in Dice points (x100).
+    otherwise "no clear difference". The interval holds training randomness only when several seeds
+    (training subsets) enter it: with fewer than ``min_seeds`` seeds or ``min_pairs`` pairs the verdict
+    says "too few seeds" or "too few pairs". Differences are in Dice points (x100).
     """
     df = pd.DataFrame(records)
     df["setting"] = df.apply(_label, axis=1)
@@ -258,7 +267,6 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
         ci = paired_bootstrap(diffs, n_boot=n_boot, seed=seed)
         rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * ci["mean"],
                      "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"], "seeds": len(matched), "pairs": ci["n"],
-                     "verdict": "too few pairs" if ci["n"] < min_pairs
-                     else {"higher": "helps", "lower": "hurts"}.get(ci["verdict"], ci["verdict"])})
+                     "verdict": _verdict(ci, len(matched), min_seeds, min_pairs)})
     columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "seeds", "pairs", "verdict"]
     return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])

@@ -44,7 +44,7 @@ def test_cross_validation_table_has_one_row_per_test_patient(tmp_path):
 
 def test_recommendation_prefers_a_cheaper_model_only_when_it_is_cheaper():
     def table(rows):
-        cols = ["arch", "encoder", "val_dice", "test_dice", "test_dice_std", "test_hd95_mm", "train_min",
+        cols = ["arch", "encoder", "val_dice", "test_dice", "test_dice_std", "test_hd95", "train_min",
                 "infer_s_per_volume", "params_M"]
         return pd.DataFrame({n: dict(zip(cols, r)) for n, r in rows.items()}).T.astype({c: float for c in cols[2:]})
 

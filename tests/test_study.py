@@ -76,3 +76,4 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
     unclear = table.loc[(1, "diffusion only")]
     assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
     assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
+    assert set(study.study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
