@@ -1,10 +1,12 @@
 import json
 
+import nbformat
 import pytest
 
-from lib import study
+from lib import segment, study
 from lib.diffusion import DiffusionConfig
 from lib.models import ModelConfig
+from lib.paths import PROJECT_ROOT
 from lib.pipeline import prepare_run
 from lib.train import TrainConfig
 from lib.vae import VAEConfig
@@ -77,3 +79,16 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
     assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
     assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
     assert set(study.study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
+
+
+def test_the_demo_study_trains_real_only_to_a_dice_that_means_something(tmp_path):
+    """Notebook 05's default study settings on the demo data: real only from 1 patient reaches 0.5."""
+    nb = nbformat.read(PROJECT_ROOT / "notebooks" / "05_vae_synthesis.ipynb", as_version=4)
+    params: dict = {}
+    exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), params)
+    run = prepare_run("demo", tmp_path / "run", image_size=params["image_size"] or 64, seed=params["seed"],
+                      progress=False)
+    cfg = TrainConfig(epochs=params["study_epochs"], samples_per_epoch=params["study_samples_per_epoch"],
+                      device="cpu", patience=None)
+    records = study.run_study(run, segment.model_config(run, "unet"), cfg, {}, [1], [1.0], [0], progress=False)
+    assert records[0]["condition"] == "real" and records[0]["mean_dice"] >= 0.5
