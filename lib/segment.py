@@ -24,6 +24,7 @@ from lib.inference import predict_probs
 from lib.metrics import paired_bootstrap
 from lib.models import ModelConfig, count_parameters
 from lib.pipeline import Run
+from lib.postprocess import keep_largest_component, remove_small_pieces
 from lib.roi import LOCATOR_SIZE, locator_config, locator_slices
 from lib.train import FitResult, TrainConfig, fit
 from lib.viz import curves, patient_gif, patient_grid, save_figure
@@ -146,10 +147,11 @@ def test_model(run: Run, name: str, model: torch.nn.Module, meta: dict[str, Any]
                     locator=run.locator, extra=extra)
 
 
-def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *,
-                 device: str | torch.device = "cpu") -> tuple[Any, Path, str]:
+def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | None = None, *, tta: bool = False,
+                 largest_component: bool | None = None, device: str | torch.device = "cpu") -> tuple[Any, Path, str]:
     """Segment one test patient: a contour grid figure and a GIF through its slices. In a 2D
     image folder, where each image is its own patient, the first 12 test images instead.
+    ``tta`` and ``largest_component`` as in :func:`test_model`, so the figure shows what was scored.
 
     Returns:
         The figure, the GIF path and the patient id (default: first test patient).
@@ -162,7 +164,11 @@ def show_patient(run: Run, name: str, model: torch.nn.Module, case_id: str | Non
     else:
         sl = run.slices("test").patient(case_id)
         title = f"{name} on test patient {case_id}"
-    pred = predict_probs(model, sl.images, device=device).argmax(1).numpy()
+    pred = predict_probs(model, sl.images, device=device, tta=tta, swap=run.mirror_pairs).argmax(1).numpy()
+    if largest_component is not False:
+        pieces = None if largest_component else run.piece_thresholds
+        clean = keep_largest_component if pieces is None else (lambda m: remove_small_pieces(m, pieces))
+        pred = np.stack([clean(p) for p in pred]) if run.task.is_2d else clean(pred)
     images = sl.centre_images()
     classes = {k: v for k, v in run.task.labels.items() if k != 0}
     fig = patient_grid(images, sl.masks, pred, title=title, slice_index=None if run.task.is_2d else sl.slice_index,

@@ -133,6 +133,8 @@ def test_a_run_on_an_image_folder_predicts_new_images_at_their_own_size(tmp_path
     evaluated = run.run_dir / "unet" / "predictions" / f"{case}.png"
     size = Image.open(root / "images" / f"{case}.png").size
     assert Image.open(evaluated).size == size
+    _, gif, _ = segment.show_patient(run, "unet", model, tta=True)  # post-processed per image
+    assert gif.is_file()
 
     new = tmp_path / "new"
     new.mkdir()

@@ -24,7 +24,7 @@ def test_context_model_trains_reloads_tests_and_shows_a_patient(tmp_path):
     assert segment.max_prediction_difference(result.model, model, run.slices("val").images) < 1e-5
     metrics = segment.test_model(run, "unet", model, meta)
     assert set(metrics["cases"]) == set(run.split["test"]) and np.isfinite(metrics["mean"]["dice"])
-    _, gif, case_id = segment.show_patient(run, "unet", model)
+    _, gif, case_id = segment.show_patient(run, "unet", model, tta=True)
     assert gif.is_file() and (run.run_dir / "unet" / f"patient_{case_id}.png").is_file()
     assert json.loads((run.run_dir / "unet" / "metrics.json").read_text())["model_config"]["in_channels"] == 3
 
