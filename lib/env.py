@@ -29,8 +29,12 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
     bf16 on CUDA GPUs that support it and on CPUs with native bf16 instructions
     (AVX512-BF16 or AMX, where oneDNN runs bf16 convolutions about twice as fast as
-    fp32); fp16 on older GPUs; None on other CPUs, where bf16 would be emulated.
+    fp32); fp16 on older GPUs; None on other CPUs, where bf16 would be emulated. The
+    environment variable ``MSDSEG_AMP=0`` forces fp32 everywhere (to measure what a CPU
+    without native bf16 does, or to rule out precision as a cause).
     """
+    if os.environ.get("MSDSEG_AMP", "1") == "0":
+        return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_BF16_PROBES):

@@ -198,3 +198,11 @@ def test_patient_dice_3d():
     truth[0, 0, 0] = truth[1, 0, 0] = 1  # patient a has two voxels
     out = patient_dice(probs, truth, np.array(["a", "a", "b", "b"]))
     assert out["a"] == pytest.approx(2 / 3) and np.isnan(out["b"])
+
+
+def test_msdseg_amp_0_forces_fp32(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("MSDSEG_AMP", "0")
+    assert amp_dtype(cpu) is None and amp_dtype(gpu) is None
+    with autocast(cpu):
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
