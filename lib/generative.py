@@ -91,6 +91,16 @@ class GeneratorConfig:
         return config_from_dict(cls, data)
 
 
+def budget_for(budget: float | dict[str, float] | None, kind: str) -> float | None:
+    """Minutes of training for generator ``kind``: one number (or None) for every generator,
+    or a dict by generator kind (``{"spade_gan": 30, "vae": 10}``) that must name ``kind``."""
+    if not isinstance(budget, dict):
+        return budget
+    if kind not in budget:
+        raise KeyError(f"time budget: no entry for generator {kind!r} in {budget}")
+    return budget[kind]
+
+
 def read_checkpoint(path: str | os.PathLike, kind: str, version: int, label: str) -> dict[str, Any]:
     """Load a checkpoint dict of ``kind``; ValueError naming ``path`` if unusable."""
     try:

@@ -31,7 +31,7 @@ FIGURES = ("data/*.png", "comparison.png", "*/curves.png", "*/patient_*.png", "*
            "generators/*.png", "study/*.png")
 RECORDS = ("split.json", "*/metrics.json", "*/postprocessing.json", "*/history.json", "*/fit.json",
            "hp/*/fit.json", "hp/*/history.json", "generators/quality.json", "study/results.json",
-           "study/summary.json", "cross_validation.csv")
+           "study/summary.json", "study/design.json", "study/steps.json", "cross_validation.csv")
 PUBLISHED_AS = {"generators": "synthesis"}  # run-folder sub-folders published under a reader's name
 
 

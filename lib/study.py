@@ -1,26 +1,43 @@
 """Does synthetic data help segmentation? The study of notebook 05.
 
-The same U-Net is trained with real slices only, real + synthetic slices at several
-ratios, and synthetic slices only, for several numbers of real training patients and
-several seeds, and always scored on the same real test patients (per-patient 3D Dice at
-the original resolution, as in :mod:`lib.evaluate`).
+**Design**, fixed before any result (:func:`make_design`, saved as ``study/design.json``):
+test and validation patients held out, the rest a training *pool*; for each number of
+real patients ``n`` several seeds, each drawing another subset of the pool (patient choice
+is part of the spread). Every cell ``(n, seed)`` trains:
 
-Fairness: each generator is trained on the *same* real patients the segmenter gets,
-so a gain cannot come from patients the real-only baseline never saw; and every run
-trains for the same number of steps (set ``samples_per_epoch`` in the TrainConfig), so
-a gain cannot come from longer training on a larger set. Every run is one
-record in ``study/results.json`` (written atomically after each run; a re-run skips the
-records already there, so an interrupted study resumes). The study keeps records, not
-models: each (n_real, seed) cell's segmenters, generators and synthetic slices are
-deleted once its records are written, unless ``keep_checkpoints`` asks for them.
+* ``real``: the U-Net on the subset's real slices (classic augmentation on: the baseline);
+* ``mix``: real + synthetic slices (``ratio`` synthetic per real slice);
+* ``pretrain``: half of the steps on synthetic slices, then fine-tuning on real ones;
+* ``synthetic_only``: synthetic slices alone;
+* ``latent``: the VAE latent-space segmenter (the seed baseline);
+* at ``ablation_n_real`` only: mix at the ``ablation_ratios``, deformed real masks instead
+  of the shape model's new ones, and no sample filter.
+
+Synthetic pairs come from a mask-conditioned image generator (:mod:`lib.gan` or
+:mod:`lib.diffusion`) fed by masks of the shape model (:mod:`lib.shapes`) or deformed real
+masks, filtered by the cell's real-only U-Net (:func:`lib.synthesis.filter_pairs`). The
+generators, shape model and filter see only the cell's real patients.
+
+**Fairness**: within a patient count every condition trains for the same number of
+optimiser steps, chosen on the validation patients so that real only reaches its plateau
+(:func:`calibrate_steps`), and is scored on the same test patients (per-patient 3D Dice at
+the original resolution). **Statistics**: :func:`study_conclusions` pairs each condition
+with real only by seed and test patient and gives a bootstrap interval.
+
+**Resumption**: every condition is one record in ``study/results.json``, written atomically
+as soon as it is scored; a re-run skips the records already there, so the grid runs in
+chunks. Records of another design are refused. The study keeps records, not models: a
+cell's generators, samples and U-Nets live in ``study/work/`` until its records are written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,39 +48,137 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from lib import diffusion, vae
+from lib import diffusion, gan, segment, synthesis, vae
 from lib.atomic import read_json, write_json
 from lib.inference import predict_probs, probs_to_volume
 from lib.metrics import dice, paired_bootstrap
 from lib.models import ModelConfig
 from lib.msd import read_label
 from lib.pipeline import Run
+from lib.shapes import ShapeModel, ShapeModelConfig
 from lib.slices import SliceSet, concat, load_pairs, save_pairs
 from lib.train import TrainConfig, fit
 
-GeneratorConfig = vae.VAEConfig | diffusion.DiffusionConfig
+STRATEGIES = ("real", "mix", "pretrain", "synthetic_only", "latent")
+IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images),
+                    "diffusion": (diffusion.train_diffusion, diffusion.generate_images)}
 
 
-@dataclass
-class Generator:
-    """How to train, save and sample one kind of generative model."""
+@dataclass(frozen=True)
+class Condition:
+    """One way of training the segmenter in a cell."""
 
-    train: Callable[..., tuple[Any, list[dict]]]
-    sample: Callable[..., tuple[np.ndarray, np.ndarray]]
+    strategy: str
+    ratio: float = 0.0  # synthetic slices per real slice (0 for real only and the latent segmenter)
+    shapes: str | None = None  # "new" (shape model) or "deformed" (real masks); None without synthetic slices
+    filtered: bool | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.strategy in ("mix", "pretrain", "synthetic_only")
 
 
-GENERATORS: dict[str, Generator] = {
-    "vae": Generator(vae.train_vae, vae.sample_pairs),
-    "diffusion": Generator(diffusion.train_diffusion, diffusion.sample_pairs),
-}
+@dataclass(frozen=True)
+class StudyDesign:
+    """Who is tested, who validates, who may train, and the grid; see :func:`make_design`."""
+
+    dataset: str
+    test: tuple[str, ...]
+    val: tuple[str, ...]
+    pool: tuple[str, ...]
+    n_real: tuple[int, ...]
+    seeds: tuple[int, ...]  # number of seeds (training subsets) for each entry of n_real
+    generator: str = "spade_gan"
+    strategies: tuple[str, ...] = STRATEGIES
+    ratio: float = 1.0
+    ablation_n_real: int | None = 1
+    ablation_ratios: tuple[float, ...] = (0.5, 2.0)
+    filter_threshold: float = 0.5
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        """Short hash of the design: every record carries it."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+    def subset(self, n: int, seed: int) -> list[str]:
+        """The ``n`` pool patients of seed ``seed``: consecutive runs through one fixed shuffle
+        of the pool, so seeds give different subsets while the pool lasts."""
+        perm = np.random.default_rng(self.seed + 1).permutation(len(self.pool))
+        return sorted(self.pool[perm[(seed * n + i) % len(self.pool)]] for i in range(n))
+
+    def cells(self) -> list[tuple[int, int]]:
+        return [(n, s) for n, k in zip(self.n_real, self.seeds) for s in range(k)]
+
+    def conditions(self, n: int) -> list[Condition]:
+        """The conditions of a cell with ``n`` real patients, real only first."""
+        main = [c for c in (Condition("real"), Condition("mix", self.ratio, "new", True),
+                            Condition("pretrain", self.ratio, "new", True),
+                            Condition("synthetic_only", self.ratio, "new", True), Condition("latent"))
+                if c.strategy in self.strategies]
+        if n != self.ablation_n_real or "mix" not in self.strategies:
+            return main
+        return main + [Condition("mix", r, "new", True) for r in self.ablation_ratios] + [
+            Condition("mix", self.ratio, "deformed", True), Condition("mix", self.ratio, "new", False)]
+
+    def split(self) -> dict[str, Any]:
+        return {"train": list(self.pool), "val": list(self.val), "test": list(self.test), "seed": self.seed,
+                "source": f"study design {self.id}"}
 
 
-def real_subset(run: Run, n_real: int, seed: int) -> list[str]:
-    """``n_real`` training patients drawn by ``seed`` from the run's train split."""
-    train_ids = list(run.split["train"])
-    if not 1 <= n_real <= len(train_ids):
-        raise ValueError(f"n_real={n_real}: the train split has {len(train_ids)} patients (need 1..{len(train_ids)})")
-    return sorted(np.random.default_rng(seed).permutation(train_ids)[:n_real].tolist())
+def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: list[int],
+                generator: str = "spade_gan", strategies: list[str] = STRATEGIES, ratio: float = 1.0,
+                ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0
+                ) -> StudyDesign:
+    """Hold out ``n_test`` test and ``n_val`` validation patients of the run's task (drawn by
+    ``seed`` from all its patients); the rest is the training pool. ``strategies`` (real only
+    always among them) trims the grid; the ablations run at 1 real patient with "mix".
+
+    Raises:
+        ValueError: a patient count the pool cannot supply, seeds not matching ``n_real``, a
+            ratio that is not positive, an unknown generator or strategy, or a threshold
+            outside [0, 1].
+    """
+    patients = sorted({p for name in ("train", "val", "test") for p in run.split[name]})
+    if n_test < 1 or n_val < 1 or n_test + n_val >= len(patients):
+        raise ValueError(f"study design: {n_test} test + {n_val} validation patients leave no training pool "
+                         f"among the {len(patients)} patients")
+    perm = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    test, val, pool = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    if len(seeds) != len(n_real) or min(seeds, default=1) < 1:
+        raise ValueError(f"study design: give a seed count >= 1 for each of n_real={n_real}, got {seeds}")
+    if bad := [n for n in n_real if not 1 <= n <= len(pool)]:
+        raise ValueError(f"study design: n_real {bad} cannot be drawn from a training pool of {len(pool)} patients")
+    if bad_r := [r for r in (ratio, *ablation_ratios) if not r > 0]:
+        raise ValueError(f"study design: synthetic:real ratios must be positive, got {bad_r}")
+    if generator not in IMAGE_GENERATORS:
+        raise ValueError(f"study design: unknown generator {generator!r}; choose one of {sorted(IMAGE_GENERATORS)}")
+    if not 0 <= filter_threshold <= 1:
+        raise ValueError(f"study design: filter threshold {filter_threshold} must lie in [0, 1]")
+    if "real" not in strategies or set(strategies) - set(STRATEGIES):
+        raise ValueError(f"study design: strategies {list(strategies)} must include 'real' and come from {STRATEGIES}")
+    return StudyDesign(run.task.name, tuple(sorted(test)), tuple(sorted(val)), tuple(sorted(pool)),
+                       tuple(int(n) for n in n_real), tuple(int(k) for k in seeds), generator,
+                       tuple(s for s in STRATEGIES if s in strategies), float(ratio),
+                       1 if 1 in n_real else None, tuple(float(r) for r in ablation_ratios), float(filter_threshold),
+                       seed)
+
+
+def design_run(run: Run, design: StudyDesign) -> Run:
+    """The run with the design's split (same slice cache), checked against ``study/design.json``.
+
+    Raises:
+        ValueError: the run folder holds a study of another design.
+    """
+    path = run.run_dir / "study" / "design.json"
+    saved = read_json(path) if path.is_file() else None
+    if saved is not None and saved.get("id") != design.id:
+        raise ValueError(f"{path} holds study design {saved.get('id')} (test {saved.get('test')}), not {design.id} "
+                         f"(test {list(design.test)}); use another run_dir or delete the study folder to start over")
+    if saved is None:
+        write_json(path, asdict(design) | {"id": design.id})
+    return replace(run, split=design.split())
 
 
 def truth_volumes(test: SliceSet) -> dict[str, np.ndarray]:
@@ -81,158 +196,269 @@ def score_slices(pred_probs: torch.Tensor, test: SliceSet, truths: dict[str, np.
     return out
 
 
-def train_generator(kind: str, train: SliceSet, cfg: GeneratorConfig, out_dir: Path, device: str) -> Any:
-    """Train (or resume) generator ``kind`` on the slices of ``train``."""
-    if kind not in GENERATORS:
-        raise KeyError(f"unknown generator {kind!r}; choose one of {sorted(GENERATORS)}")
-    model, _ = GENERATORS[kind].train(train.images.astype(np.float32), train.masks, cfg, device=device,
-                                      out_dir=out_dir, progress=False)
-    return model
+def plateau_epoch(val_dice: list[float], tolerance: float = 0.01, window: int = 3) -> int:
+    """First epoch (1-based) whose running mean of ``window`` validation Dice values comes within
+    ``tolerance`` of the best running mean: where more steps stop paying."""
+    v = np.asarray(val_dice, float)
+    if v.size == 0:
+        raise ValueError("plateau_epoch: no validation Dice values")
+    w = min(window, v.size)
+    smooth = np.convolve(v, np.ones(w) / w, mode="valid")
+    return int(np.flatnonzero(smooth >= np.nanmax(smooth) - tolerance)[0]) + w
 
 
-def synthetic_set(kind: str, model: Any, n: int, seed: int, path: Path, device: str) -> SliceSet:
-    """Sample ``n`` pairs (cached at ``path`` in the training format) and load them."""
-    if not path.is_file():
-        images, masks = GENERATORS[kind].sample(model, n, seed=seed, device=device)
-        if not np.isfinite(images).all():
-            raise FloatingPointError(f"{kind} produced non-finite samples; its training has diverged")
-        save_pairs(path, images, masks, {"generator": kind, "seed": seed})
-    return load_pairs(path, source=f"synthetic_{kind}")
+def _epoch_steps(cfg: TrainConfig, n_slices: int) -> int:
+    return max(1, math.ceil((cfg.samples_per_epoch or n_slices) / cfg.batch_size))
+
+
+def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+                    max_epochs: int, device: str = "cpu", progress: bool = True) -> dict[int, dict[str, Any]]:
+    """For each patient count: train real only (seed 0's subset) for ``max_epochs`` and pick the
+    epoch where validation Dice reaches its plateau (:func:`plateau_epoch`). ``samples_per_epoch``
+    must be set, so an epoch is the same number of steps for every training set.
+
+    Returns (and keeps in ``study/steps.json``, reused on a re-run):
+        n_real -> {"epochs", "steps", "plateau" (False: still rising at ``max_epochs``, so the
+        study trains all of them), "curve": [[steps, val_dice], ...]}.
+    """
+    if not train_cfg.samples_per_epoch:
+        raise ValueError("calibrate_steps: set samples_per_epoch, so every condition's epoch has the same steps")
+    path = run.run_dir / "study" / "steps.json"
+    saved = read_json(path) if path.is_file() else {}
+    if saved and saved.get("design") != design.id:
+        raise ValueError(f"{path} was calibrated for study design {saved.get('design')}, not {design.id}")
+    out = {int(k): v for k, v in saved.get("steps", {}).items()}
+    train, val = run.slices("train"), run.slices("val")
+    per_epoch = _epoch_steps(train_cfg, 0)
+    for n in tqdm(design.n_real, desc="choosing steps on validation", disable=not progress):
+        if n in out:
+            continue
+        real = _patients(train, design.subset(n, 0))
+        result = fit(real, val, model_cfg, replace(train_cfg, epochs=max_epochs, seed=0, device=device),
+                     run.run_dir / "study" / "work" / f"calibrate_n{n}", run.data_settings(), keep="none",
+                     progress=False)
+        curve = [[row["epoch"] * per_epoch, row["val_dice"]] for row in result.history]
+        epochs = plateau_epoch([d for _, d in curve])
+        out[n] = {"epochs": epochs, "steps": epochs * per_epoch, "plateau": epochs < max_epochs, "curve": curve}
+        write_json(path, {"design": design.id, "steps": out})
+        shutil.rmtree(run.run_dir / "study" / "work" / f"calibrate_n{n}", ignore_errors=True)
+    return out
+
+
+def _patients(slices: SliceSet, patients: list[str]) -> SliceSet:
+    return slices.subset(np.flatnonzero(np.isin(slices.case_ids, patients)))
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    return (r["condition"], r["generator"], r["n_real"], r["ratio"], r["seed"])
+    return (r["strategy"], r["shapes"], r["filtered"], float(r["ratio"]), r["n_real"], r["seed"])
+
+
+def load_records(path: Path, design: StudyDesign) -> list[dict[str, Any]]:
+    """The records of ``path``; ValueError if any was written by another design."""
+    records = read_json(path) if path.is_file() else []
+    if foreign := sorted({str(r.get("design")) for r in records} - {design.id}):
+        raise ValueError(f"{path} holds records of study design(s) {foreign}, not {design.id} (other test patients "
+                         "or grid); use another run_dir or delete the file to start over")
+    return records
+
+
+@dataclass
+class _Cell:
+    """What one (n_real, seed) cell shares between its conditions."""
+
+    n: int
+    seed: int
+    patients: list[str]
+    real: SliceSet
+    work: Path
+    real_model: torch.nn.Module | None = None
+    generator: Any = None
+    shape_model: ShapeModel | None = None
+    pools: dict[tuple[str, bool], tuple[SliceSet, float]] = field(default_factory=dict)
 
 
 def run_study(
     run: Run,
+    design: StudyDesign,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    generator_cfgs: dict[str, GeneratorConfig],
-    n_real: list[int],
-    ratios: list[float],
-    seeds: list[int],
+    steps: dict[int, dict[str, Any]],
+    generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
+    vae_cfg: vae.VAEConfig,
     *,
-    synthetic_only: bool = True,
-    latent_baseline: bool = True,
-    keep_checkpoints: bool = False,
-    progress: bool = True,
+    shape_cfg: ShapeModelConfig | None = None,
     device: str = "cpu",
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every condition of the study; returns all records of ``study/results.json``.
-
-    Conditions per (n_real, seed): "real" (real slices only, classic augmentation),
-    "real+synthetic" for each generator and ratio (synthetic slices = ratio x real
-    slices), "synthetic" (only synthetic slices, as many as the real slices), and
-    "latent" (segmentation decoder on the VAE's detached latent code). A progress bar
-    counts the (n_real, seed) cells.
-    """
+    """Run every cell of the design (``run`` from :func:`design_run`); returns all records of
+    ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`; a progress bar counts
+    the cells. Raises ValueError for records of another design and for a generator checkpoint
+    in a cell's folder that was trained on other patients."""
     out = run.run_dir / "study"
     path = out / "results.json"
-    records: list[dict[str, Any]] = read_json(path) if path.is_file() else []
+    records = load_records(path, design)
     done = {_key(r) for r in records}
     train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
-
-    def record(condition: str, generator: str | None, n: int, ratio: float, seed: int, patients: list[str],
-               n_real_slices: int, n_synth: int, scores: dict[str, float], seconds: float) -> None:
-        records.append({
-            "condition": condition, "generator": generator, "n_real": n, "ratio": ratio, "seed": seed,
-            "real_patients": patients, "n_real_slices": n_real_slices, "n_synthetic_slices": n_synth,
-            "per_patient_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
-            "seconds": seconds, "image_size": run.slice_cfg.image_size, "epochs": train_cfg.epochs,
-            "samples_per_epoch": train_cfg.samples_per_epoch,
-        })
-        write_json(path, records)
-
-    def segment(name: str, train_set: SliceSet, seed: int) -> tuple[dict[str, float], float]:
-        t0 = time.perf_counter()
-        result = fit(train_set, val, model_cfg, replace(train_cfg, seed=seed), out / "seg" / name,
-                     run.data_settings(), keep="best" if keep_checkpoints else "none", progress=False)
-        probs = predict_probs(result.model, test.images, device=device)
-        return score_slices(probs, test, truths, run.labels), time.perf_counter() - t0
-
-    cells = [(n, seed) for n in n_real for seed in seeds]
-    for n, seed in tqdm(cells, desc="study cells (n_real, seed)", disable=not progress):
-        patients = real_subset(run, n, seed)
-        real = train.subset(np.flatnonzero(np.isin(train.case_ids, patients)))
-        tag = f"n{n}_s{seed}"
-        if ("real", None, n, 0.0, seed) not in done:
-            scores, secs = segment(f"real_{tag}", real, seed)
-            record("real", None, n, 0.0, seed, patients, len(real), 0, scores, secs)
-        models = {}
-        for kind, gcfg in generator_cfgs.items():
-            wanted = [r for r in ratios if ("real+synthetic", kind, n, float(r), seed) not in done]
-            need_synth_only = synthetic_only and ("synthetic", kind, n, None, seed) not in done
-            need_latent = latent_baseline and kind == "vae" and ("latent", "vae", n, None, seed) not in done
-            if not (wanted or need_synth_only or need_latent):
+    per_epoch = _epoch_steps(train_cfg, 0)
+    for n, seed in tqdm(design.cells(), desc="study cells (n_real, seed)", disable=not progress):
+        todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in done]
+        if not todo:
+            continue
+        patients = design.subset(n, seed)
+        cell = _Cell(n, seed, patients, _patients(train, patients), out / "work" / f"n{n}_s{seed}")
+        epochs = steps[n]["epochs"]
+        cfg = replace(train_cfg, epochs=epochs, seed=seed, device=device)
+        for cond in design.conditions(n):  # real only first: the filter uses its U-Net
+            finished = _key(_fields(cond, n, seed)) in done
+            if finished and (cond.strategy != "real" or not _filters(todo)):
                 continue
-            models[kind] = train_generator(kind, real, replace(gcfg, seed=seed), out / "generators" / f"{kind}_{tag}",
-                                           device)
-            for ratio in wanted:
-                n_synth = max(1, int(round(ratio * len(real))))
-                synth = synthetic_set(kind, models[kind], n_synth, seed,
-                                      out / "synthetic" / f"{kind}_{tag}_r{ratio:g}.npz", device)
-                scores, secs = segment(f"{kind}_r{ratio:g}_{tag}", concat(real, synth), seed)
-                record("real+synthetic", kind, n, float(ratio), seed, patients, len(real), n_synth, scores, secs)
-            if need_synth_only:
-                synth = synthetic_set(kind, models[kind], len(real), seed + 1000,
-                                      out / "synthetic" / f"{kind}_{tag}_only.npz", device)
-                scores, secs = segment(f"{kind}_only_{tag}", synth, seed)
-                record("synthetic", kind, n, None, seed, patients, 0, len(synth), scores, secs)
-            if need_latent:
-                t0 = time.perf_counter()
-                seg = vae.train_latent_segmenter(models[kind], real.images.astype(np.float32), real.masks,
-                                                 epochs=train_cfg.epochs, device=device, seed=seed, progress=False)
-                pred = vae.predict_latent_segmenter(seg, test.images)
-                probs = torch.nn.functional.one_hot(torch.from_numpy(pred).long(), run.task.num_classes)
-                scores = score_slices(probs.permute(0, 3, 1, 2).float(), test, truths, run.labels)
-                record("latent", "vae", n, None, seed, patients, len(real), 0, scores, time.perf_counter() - t0)
-        if not keep_checkpoints:
-            for folder in ("seg", "generators", "synthetic"):
-                shutil.rmtree(out / folder, ignore_errors=True)
+            t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
+            scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
+                                             generator_cfg, vae_cfg, shape_cfg, device)
+            if finished:
+                continue
+            records.append(_fields(cond, n, seed) | {
+                "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
+                "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
+                "steps": extra.pop("steps", epochs * per_epoch), "train_seconds": time.perf_counter() - t0,
+                "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real), **extra})
+            write_json(path, records)
+        shutil.rmtree(cell.work, ignore_errors=True)
     return records
 
 
-def _label(r: pd.Series) -> str:
-    if r["condition"] == "real":
+def _fields(cond: Condition, n: int, seed: int) -> dict[str, Any]:
+    return {"strategy": cond.strategy, "shapes": cond.shapes, "filtered": cond.filtered, "ratio": cond.ratio,
+            "n_real": n, "seed": seed}
+
+
+def _filters(conditions: list[Condition]) -> bool:
+    return any(c.synthetic and c.filtered for c in conditions)
+
+
+def _generator_name(cond: Condition, design: StudyDesign) -> str | None:
+    return design.generator if cond.synthetic else "vae" if cond.strategy == "latent" else None
+
+
+def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, design: StudyDesign,
+                     model_cfg: ModelConfig, val: SliceSet, test: SliceSet, truths: dict[str, np.ndarray],
+                     generator_cfg: Any, vae_cfg: vae.VAEConfig, shape_cfg: ShapeModelConfig | None,
+                     device: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one condition of a cell; returns its per-patient test Dice and extra record fields."""
+    name = f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}"
+
+    def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None):
+        return fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
+                   init=init, progress=False).model
+
+    if cond.strategy == "latent":
+        vae_model, _ = vae.train_vae(cell.real.images.astype(np.float32), cell.real.masks,
+                                     replace(vae_cfg, seed=cell.seed), device=device, out_dir=cell.work / "vae",
+                                     progress=False)
+        steps = cfg.epochs * _epoch_steps(cfg, len(cell.real))
+        seg = vae.train_latent_segmenter(vae_model, cell.real.images.astype(np.float32), cell.real.masks,
+                                         steps=steps, batch_size=cfg.batch_size, device=device, seed=cell.seed,
+                                         progress=False)
+        pred = torch.from_numpy(vae.predict_latent_segmenter(seg, test.images.astype(np.float32))).long()
+        probs = torch.nn.functional.one_hot(pred, run.task.num_classes).permute(0, 3, 1, 2).float()
+        return score_slices(probs, test, truths, run.labels), {"steps": steps}
+    if cond.strategy == "real":
+        model = train(cell.real, "", cfg)
+        cell.real_model = model
+        return _score(model, test, truths, run, device), {}
+    synth, kept = _synthetic(cell, cond, design, generator_cfg, shape_cfg, run, device)
+    extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept}
+    if cond.strategy == "mix":
+        model = train(concat(cell.real, synth), "", cfg)
+    elif cond.strategy == "synthetic_only":
+        model = train(synth, "", cfg)
+    else:  # pretrain: half the steps on synthetic slices, the rest fine-tuning on real ones
+        first = max(1, cfg.epochs // 2)
+        pre = train(synth, "_pre", replace(cfg, epochs=first))
+        model = train(cell.real, "_fine", replace(cfg, epochs=cfg.epochs - first), init=pre) if cfg.epochs > first else pre
+    return _score(model, test, truths, run, device), extra
+
+
+def _score(model: torch.nn.Module, test: SliceSet, truths: dict[str, np.ndarray], run: Run,
+           device: str) -> dict[str, float]:
+    return score_slices(predict_probs(model, test.images, device=device), test, truths, run.labels)
+
+
+def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, generator_cfg: Any,
+               shape_cfg: ShapeModelConfig | None, run: Run, device: str) -> tuple[SliceSet, float]:
+    """``ratio x`` the cell's real slices in synthetic pairs of the condition's mask source and
+    filter setting, and the share of drawn pairs the filter kept. Pairs are drawn once per
+    (source, filter) for the cell's largest ratio and cached in the cell's folder, so a resumed
+    cell trains on the same pairs."""
+    key = (cond.shapes, bool(cond.filtered))
+    if key not in cell.pools:
+        train_fn, generate = IMAGE_GENERATORS[design.generator]
+        images, masks = cell.real.images.astype(np.float32), cell.real.masks
+        if cell.generator is None:
+            cell.generator, _ = train_fn(images, masks, replace(generator_cfg, seed=cell.seed), device=device,
+                                         out_dir=cell.work / design.generator, progress=False)
+        if cell.shape_model is None and cond.shapes == "new":
+            cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
+                                                                                 seed=cell.seed))
+        need = max(max(1, round(c.ratio * len(cell.real))) for c in design.conditions(cell.n)
+                   if c.synthetic and (c.shapes, bool(c.filtered)) == key)
+        file = cell.work / f"synthetic_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
+        if not file.is_file():
+            drawn = 2 * need if cond.filtered else need  # the filter drops some: draw twice as many
+            new_masks = synthesis.draw_masks(cond.shapes, drawn, cell.seed, shape_model=cell.shape_model,
+                                             train_masks=masks, num_classes=run.task.num_classes)
+            new_images = generate(cell.generator, new_masks, seed=cell.seed, device=device)
+            share = 1.0
+            if cond.filtered:
+                if cell.real_model is None:
+                    raise RuntimeError("the sample filter needs the cell's real-only U-Net; train it first")
+                kept = synthesis.filter_pairs(new_images, new_masks, segment.predict_masks_fn(cell.real_model, device),
+                                              design.filter_threshold)
+                new_images, new_masks, share = kept.images, kept.masks, float(kept.kept.mean())
+            reps = np.resize(np.arange(len(new_masks)), need)  # too few kept: cycle through them
+            save_pairs(file, new_images[reps], new_masks[reps], {"kept_share": share, "seed": cell.seed})
+        with np.load(file) as z:
+            share = json.loads(str(z["meta"]))["kept_share"]
+        cell.pools[key] = (load_pairs(file, source=f"synthetic_{design.generator}"), share)
+    pool, share = cell.pools[key]
+    n_synth = max(1, round(cond.ratio * len(cell.real)))
+    return pool.subset(np.arange(n_synth)), share
+
+
+# ----------------------------------------------------------------------------- tables and statistics
+
+
+def setting_label(r: dict[str, Any] | pd.Series) -> str:
+    """A readable name of a record's condition."""
+    strategy, gen = r["strategy"], r["generator"]
+    if strategy == "real":
         return "real only"
-    if r["condition"] == "real+synthetic":
-        return f"real + {r['generator']} x{r['ratio']:g}"
-    if r["condition"] == "synthetic":
-        return f"{r['generator']} only"
-    return "VAE latent segmenter"
+    if strategy == "latent":
+        return "VAE latent segmenter"
+    if strategy == "pretrain":
+        return f"{gen} pre-training, real fine-tuning"
+    if strategy == "synthetic_only":
+        return f"{gen} only"
+    notes = ["deformed shapes"] * (r["shapes"] == "deformed") + ["unfiltered"] * (not r["filtered"])
+    return f"real + {gen} x{r['ratio']:g}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def study_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Mean, sd, min and max over seeds of the mean test Dice, per condition and n_real."""
+    """Mean, sd, min and max over seeds of the mean test Dice, per n_real and setting (empty
+    without records)."""
+    if not records:
+        return pd.DataFrame(columns=["mean", "std", "min", "max", "seeds"],
+                            index=pd.MultiIndex.from_tuples([], names=["n_real", "setting"]))
     df = pd.DataFrame(records)
-    df["setting"] = df.apply(_label, axis=1)
+    df["setting"] = df.apply(setting_label, axis=1)
     table = df.groupby(["n_real", "setting"])["mean_dice"].agg(["mean", "std", "min", "max", "count"])
     return table.rename(columns={"count": "seeds"})
 
 
-def study_figure(records: list[dict[str, Any]]) -> Figure:
-    """Mean test Dice ± sd over seeds against the number of real training patients."""
-    table = study_table(records).reset_index()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (setting, rows) in enumerate(table.groupby("setting")):
-        x = rows["n_real"] + (i - 3) * 0.04
-        ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3, label=setting,
-                    lw=2.5 if setting == "real only" else 1.2)
-    ax.set(xlabel="real training patients", ylabel="mean test Dice (± sd over seeds)", ylim=(0, 1))
-    ax.set_xticks(sorted(table["n_real"].unique()))
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 def _pairs(record: dict[str, Any], base: dict[str, Any]) -> list[float]:
-    """Per-test-patient Dice differences of ``record`` against ``base`` (same seed and training
-    subset); the mean Dice alone when a record has no per-patient scores."""
-    a, b = record.get("per_patient_dice"), base.get("per_patient_dice")
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [record["mean_dice"] - base["mean_dice"]]
+    """Per-test-patient Dice differences of ``record`` against ``base`` (same seed and subset)."""
+    a, b = record["test_dice"], base["test_dice"]
     return [a[p] - b[p] for p in sorted(set(a) & set(b))]
 
 
@@ -251,15 +477,17 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
     bootstrap interval over the pairs (:func:`lib.metrics.paired_bootstrap`).
 
     The verdict is "helps" only when the interval is above 0, "hurts" only when it is below 0,
-    otherwise "no clear difference". The interval holds training randomness only when several seeds
-    (training subsets) enter it: with fewer than ``min_seeds`` seeds or ``min_pairs`` pairs the verdict
+    otherwise "no clear difference"; with fewer than ``min_seeds`` seeds or ``min_pairs`` pairs it
     says "too few seeds" or "too few pairs". Differences are in Dice points (x100).
     """
+    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "seeds", "pairs", "verdict"]
+    if not records:
+        return pd.DataFrame(columns=columns).set_index(["n_real", "setting"])
     df = pd.DataFrame(records)
-    df["setting"] = df.apply(_label, axis=1)
-    base = {(r["n_real"], r["seed"]): r for r in records if r["condition"] == "real"}
+    df["setting"] = df.apply(setting_label, axis=1)
+    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
     rows = []
-    for (n, setting), group in df[df["condition"] != "real"].groupby(["n_real", "setting"]):
+    for (n, setting), group in df[df["strategy"] != "real"].groupby(["n_real", "setting"]):
         matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
         diffs = [d for r, b in matched for d in _pairs(r, b)]
         if not np.isfinite(diffs).any():
@@ -268,5 +496,64 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
         rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * ci["mean"],
                      "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"], "seeds": len(matched), "pairs": ci["n"],
                      "verdict": _verdict(ci, len(matched), min_seeds, min_pairs)})
-    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "seeds", "pairs", "verdict"]
     return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])
+
+
+def study_figure(records: list[dict[str, Any]], conclusions: pd.DataFrame) -> Figure:
+    """Left: mean test Dice (± sd over seeds) against the number of real patients. Right: each
+    setting's paired difference to real only with its 95 % interval. Settings are spread
+    sideways around each patient count."""
+    if not records:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no study records (study_n_real is empty)", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    table = study_table(records).reset_index()
+    ticks = sorted(table["n_real"].unique())
+    where = {n: i for i, n in enumerate(ticks)}
+    settings = sorted(table["setting"].unique())
+    spread = {s: (i - (len(settings) - 1) / 2) * 0.6 / max(len(settings), 1) for i, s in enumerate(settings)}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for setting, rows in table.groupby("setting"):
+        x = rows["n_real"].map(where) + spread[setting]
+        ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3, label=setting,
+                    lw=2.5 if setting == "real only" else 1.2)
+    ax.set(xlabel="real training patients", ylabel="mean test Dice (± sd over seeds)", ylim=(0, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    for setting, rows in conclusions.reset_index().groupby("setting"):
+        x = rows["n_real"].map(where) + spread[setting]
+        mean = rows["delta_dice_points"]
+        bx.errorbar(x, mean, yerr=[mean - rows["ci_low"], rows["ci_high"] - mean], marker="o", capsize=3,
+                    label=setting, color=f"C{settings.index(setting)}")
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set(xlabel="real training patients", ylabel="Dice points vs real only (95 % interval)")
+    for axis in (ax, bx):
+        axis.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+        axis.set_xlim(-0.5, len(ticks) - 0.5)
+    fig.tight_layout()
+    return fig
+
+
+def steps_figure(steps: dict[int, dict[str, Any]]) -> Figure:
+    """Real only's validation Dice against optimiser steps for each patient count, with the
+    steps chosen for the study marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, s in sorted(steps.items()):
+        x, y = zip(*s["curve"])
+        line, = ax.plot(x, y, marker=".", label=f"{n} real patient{'s' * (n > 1)}")
+        ax.axvline(s["steps"], color=line.get_color(), ls="--", lw=1)
+    ax.set(xlabel="optimiser steps", ylabel="validation Dice (real only)", ylim=(0, 1),
+           title="steps of every condition: where real only reaches its plateau (dashed)")
+    if steps:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_summary(run: Run, design: StudyDesign, conclusions: pd.DataFrame, steps: dict[int, dict[str, Any]]) -> Path:
+    """``study/summary.json``: the design, the steps per patient count and every paired comparison."""
+    rows = conclusions.reset_index().to_dict("records")
+    return write_json(run.run_dir / "study" / "summary.json",
+                      {"design": asdict(design) | {"id": design.id},
+                       "steps": {str(n): {k: v for k, v in s.items() if k != "curve"} for n, s in steps.items()},
+                       "comparisons": rows})

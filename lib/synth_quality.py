@@ -263,6 +263,7 @@ def quality_table(
     new_masks: set[str] = frozenset(),
     device: str | torch.device = "cpu",
     max_samples: int = 500,
+    min_pairs: int = 32,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Quality of each generator's pairs, measured against real slices of unseen patients.
@@ -270,8 +271,10 @@ def quality_table(
     Every source is restricted to pairs with foreground (what synthetic pairs are made for:
     a real slice set that is mostly background would inflate every distance) and subsampled
     to the same ``n`` slices (Frechet distances depend on n); ``foreground_share`` says
-    which share of a source's pairs had foreground. A generator with fewer than 2 such
-    pairs gets a row of None (nothing to measure) instead of stopping the table.
+    which share of a source's pairs had foreground. A generator with fewer than ``min_pairs``
+    such pairs (or than the real sources have, if fewer) gets a row of None with its count in
+    ``n`` instead of shrinking every other source's sample (a Frechet distance over a dozen
+    slices says nothing) or stopping the table.
     For a generator's samples: ``frechet`` (encoder features against the held-out slices)
     and ``frechet_ratio`` (to the real-to-real distance), ``sharpness_ratio`` (to the
     held-out slices), ``msssim_diversity``, ``nn_distance_median`` (RMSE to the nearest
@@ -300,8 +303,9 @@ def quality_table(
     shares = {name: len(sources[name][0]) / max(len(pair[0]), 1) for name, pair in given.items()}
     if empty := [name for name in ("train", "held-out") if len(sources[name][0]) < 2]:
         raise ValueError(f"quality_table: fewer than 2 real slices with foreground in {empty}")
-    barren = {name for name in generators if len(sources[name][0]) < 2}  # nothing to measure: a row of None
-    n = min([max_samples, *(len(im) for name, (im, _) in sources.items() if name not in barren)])
+    n_real = min(max_samples, len(sources["train"][0]), len(sources["held-out"][0]))
+    barren = {name for name in generators if len(sources[name][0]) < min(min_pairs, n_real)}  # a row of None
+    n = min([n_real, *(len(sources[name][0]) for name in generators if name not in barren)])
     train_im, train_ms = _subsample(*sources["train"], n, rng)
     ref_im, ref_ms = _subsample(*sources["held-out"], n, rng)
     ref_feats = encoder_features(encoder, ref_im, device=device)

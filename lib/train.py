@@ -160,6 +160,7 @@ def fit(
     *,
     keep: str = "best",
     attach: dict[str, Any] | None = None,
+    init: nn.Module | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train (or resume, or reuse a finished run of) a model in ``out_dir``.
@@ -174,6 +175,8 @@ def fit(
             (``fit.json``, ``history.json``), for trials whose model is not used again.
         attach: stored in every checkpoint as is (e.g. the region-of-interest stage the
             model needs for prediction).
+        init: a model of the same architecture whose weights a new run starts from
+            (fine-tuning); a resumed run continues from its own ``last.pt`` instead.
 
     Raises:
         FloatingPointError: the loss became NaN/inf; ``last.pt`` still holds the last
@@ -194,6 +197,8 @@ def fit(
                    pretrained=not last.exists(), attach=attach)
     if last.exists():
         run.restore(last)
+    elif init is not None:
+        run.model.load_state_dict(init.state_dict())
     train_x = torch.from_numpy(train.images).to(run.device)
     train_y = torch.from_numpy(train.masks).to(run.device)
     origin = time.perf_counter() - run.spent  # when training began, counting earlier sessions

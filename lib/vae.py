@@ -531,6 +531,7 @@ def train_latent_segmenter(
     masks: np.ndarray,
     *,
     epochs: int = 20,
+    steps: int | None = None,
     lr: float = 1e-3,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
@@ -550,6 +551,7 @@ def train_latent_segmenter(
     Args:
         vae: trained PairVAE or PairVAEGAN (frozen, not modified).
         images: float32 (N, C, H, W) z-scored; masks: uint8 (N, H, W).
+        steps: optimiser steps in all (the last epoch is cut short); None: ``epochs`` full epochs.
 
     Returns:
         The segmenter (eval mode) with ``history`` rows {epoch, latent_mse, dice_ce, seconds}.
@@ -565,9 +567,11 @@ def train_latent_segmenter(
     x_all, m_all = torch.from_numpy(np.ascontiguousarray(images, np.float32)), torch.from_numpy(masks)
     has_fg = masks.reshape(len(masks), -1).any(axis=1)
     scaler = grad_scaler(device)
-    for epoch in tqdm(range(epochs), desc="latent seg", disable=not progress):
+    per_epoch = math.ceil(len(images) / batch_size)
+    total = steps if steps is not None else epochs * per_epoch
+    for epoch in tqdm(range(math.ceil(total / per_epoch)), desc="latent seg", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        idx = epoch_indices(has_fg, foreground_fraction, gen)
+        idx = epoch_indices(has_fg, foreground_fraction, gen)[: (total - epoch * per_epoch) * batch_size]
         seg.history.append(
             _seg_epoch(seg, optimizer, scaler, x_all, m_all, targets, idx, batch_size, device, epoch)
         )

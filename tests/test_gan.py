@@ -46,16 +46,19 @@ def test_reload_gives_identical_images_and_resume_equals_a_straight_run(data, tm
 
 
 def test_a_winning_discriminator_stops_training_only_when_the_generator_stalls():
-    model = gan.SPADEGAN(cfg(collapse_d_loss=0.01, collapse_patience=3))
+    model = gan.SPADEGAN(cfg(collapse_d_loss=0.01, collapse_patience=3, l1_weight=10.0))
     row = lambda epoch, d, l1, fm: {"epoch": epoch, "d_loss": d, "l1": l1, "feature_match": fm, "adv": 1.0}  # noqa: E731
     improving = [row(1, 0.005, 0.12, 0.15), row(2, 0.004, 0.11, 0.14)]
     model.check_epoch(row(3, 0.003, 0.10, 0.13), improving)  # the generator still learns: go on
     model.check_epoch(row(3, 0.003, 0.12, 0.13), improving)  # feature matching still falls: go on
     model.check_epoch(row(3, 0.5, 0.2, 0.2), improving)  # the discriminator no longer wins
     model.check_epoch(row(2, 0.003, 0.2, 0.2), improving[:1])  # not yet `collapse_patience` epochs
-    with pytest.raises(TrainingCollapsed, match="discriminator wins .*L1 went from 0.120 to 0.125.* at epoch 3; .*"
-                                                "keeps epoch 2"):
+    with pytest.raises(TrainingCollapsed, match="discriminator wins .*feature match from 0.150 to 0.160, l1 from "
+                                                "0.120 to 0.125\\) at epoch 3; .*keeps epoch 2"):
         model.check_epoch(row(3, 0.003, 0.125, 0.16), improving)
+    unweighted = gan.SPADEGAN(cfg(collapse_d_loss=0.01, collapse_patience=3, l1_weight=0.0))
+    with pytest.raises(TrainingCollapsed, match="feature match from 0.150 to 0.160\\) at epoch 3"):
+        unweighted.check_epoch(row(3, 0.003, 0.10, 0.16), improving)  # an L1 it does not optimise does not count
 
 
 def test_untrained_generator_and_bad_sizes_are_refused():

@@ -13,6 +13,7 @@ from lib.generative import (
     GeneratorConfig,
     Step,
     TrainingCollapsed,
+    budget_for,
     load_generator,
     train_generator,
 )
@@ -155,3 +156,10 @@ def test_bad_data_is_refused():
     with pytest.raises(ValueError, match="N>0"):
         generative.check_pairs(images[:0], masks[:0], 16, 1, 2)
     assert replace(ToyConfig(), seed=1).seed == 1
+
+
+def test_time_budget_per_generator():
+    assert budget_for(15.0, "vae") == 15.0 and budget_for(None, "vae") is None
+    assert budget_for({"vae": 10, "spade_gan": 30}, "spade_gan") == 30
+    with pytest.raises(KeyError, match="no entry for generator 'diffusion'"):
+        budget_for({"vae": 10}, "diffusion")

@@ -296,3 +296,13 @@ def test_paired_bootstrap_gives_a_verdict_only_when_the_interval_excludes_zero()
     assert noisy["verdict"] == "no clear difference" and noisy["n"] == 4 and noisy["low"] < 0 < noisy["high"]
     with pytest.raises(ValueError, match="no finite"):
         paired_bootstrap([float("nan")])
+
+
+def test_paired_bootstrap_matches_a_hand_computed_case() -> None:
+    # two pairs: a resample of two is {a, a}, {a, b} or {b, b}, means a, (a+b)/2, b with chances 1/4, 1/2, 1/4,
+    # so the 2.5 % and 97.5 % quantiles of the resampled means are a and b
+    ci = paired_bootstrap([0.1, 0.3])
+    assert ci["mean"] == pytest.approx(0.2) and ci["low"] == pytest.approx(0.1) and ci["high"] == pytest.approx(0.3)
+    assert ci["verdict"] == "higher" and ci["n"] == 2
+    ci = paired_bootstrap([0.0, 1.0])
+    assert (ci["low"], ci["high"], ci["verdict"]) == (pytest.approx(0.0), pytest.approx(1.0), "no clear difference")

@@ -1,10 +1,12 @@
 import json
+import shutil
+from dataclasses import replace
 
 import nbformat
+import numpy as np
 import pytest
 
-from lib import segment, study
-from lib.diffusion import DiffusionConfig
+from lib import gan, segment, study
 from lib.models import ModelConfig
 from lib.paths import PROJECT_ROOT
 from lib.pipeline import prepare_run
@@ -13,6 +15,8 @@ from lib.vae import VAEConfig
 from tests.helpers import make_task
 
 SIZE = 32
+RECORD_KEYS = {"dataset", "generator", "shapes", "filtered", "strategy", "n_real", "ratio", "seed", "train_patients",
+               "test_dice", "mean_dice", "steps", "train_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -22,60 +26,106 @@ def run(tmp_path_factory):
                        image_size=SIZE, seed=0, progress=False)
 
 
-def configs():
-    common = {"image_size": SIZE, "in_channels": 1, "num_classes": 2, "epochs": 1, "batch_size": 16}
-    return {"vae": VAEConfig(**common, base_channels=8, latent_dim=8),
-            "diffusion": DiffusionConfig(**common, base_channels=8, sample_steps=4, timesteps=100)}
+def small_configs():
+    common = {"image_size": SIZE, "in_channels": 1, "num_classes": 2, "epochs": 1, "batch_size": 8}
+    return (gan.SPADEGANConfig(**common, channels=(8, 16), z_dim=8, spade_channels=8, disc_channels=8, disc_layers=2),
+            VAEConfig(**common, base_channels=8, latent_dim=8))
 
 
-def test_study_records_resume_and_tables(run, monkeypatch, capsys):
-    model = ModelConfig(arch="unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
-    train = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
-    records = study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0])
-    conditions = sorted((r["condition"], r["generator"] or "") for r in records)
-    assert conditions == [("latent", "vae"), ("real", ""), ("real+synthetic", "diffusion"), ("real+synthetic", "vae"),
-                          ("synthetic", "diffusion"), ("synthetic", "vae")]
-    saved = json.loads((run.run_dir / "study" / "results.json").read_text())
-    assert saved == records
-    for r in saved:
-        assert set(r["per_patient_dice"]) == set(run.split["test"]) and 0 <= r["mean_dice"] <= 1
-        assert {"generator", "n_real", "ratio", "seed", "mean_dice"} <= set(r)
-    real_slices = next(r["n_real_slices"] for r in records if r["condition"] == "real")
-    mix = next(r for r in records if r["condition"] == "real+synthetic" and r["generator"] == "vae")
-    assert mix["n_synthetic_slices"] == real_slices
+MODEL = ModelConfig(arch="unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
+TRAIN = TrainConfig(samples_per_epoch=16, batch_size=8, augment=None, device="cpu", patience=None)
+
+
+def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
+    design = study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2])
+    assert len(design.test) == 2 and len(design.val) == 1 and len(design.pool) == 3
+    assert not set(design.test) & (set(design.val) | set(design.pool)) and not set(design.val) & set(design.pool)
+    assert len({tuple(design.subset(1, s)) for s in range(3)}) == 3  # each seed another patient
+    assert design.subset(3, 1) == sorted(design.pool) and design.cells() == [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1)]
+    strategies = [(c.strategy, c.ratio, c.shapes, c.filtered) for c in design.conditions(1)]
+    assert strategies[0] == ("real", 0.0, None, None) and len(strategies) == 9
+    assert ("mix", 2.0, "new", True) in strategies and ("mix", 1.0, "deformed", True) in strategies
+    assert ("mix", 1.0, "new", False) in strategies and len(design.conditions(3)) == 5
+    assert design.id == study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
+    assert design.id != study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], seed=1).id
+    for kwargs, message in [({"n_real": [4]}, "cannot be drawn"), ({"ratio": 0.0}, "must be positive"),
+                            ({"ablation_ratios": [-1.0]}, "must be positive"), ({"seeds": [1, 1]}, "seed count"),
+                            ({"generator": "vae"}, "unknown generator"), ({"strategies": ["mix"]}, "include 'real'"),
+                            ({"n_test": 5}, "no training pool")]:
+        with pytest.raises(ValueError, match=message):
+            study.make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
+
+
+def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():
+    assert study.plateau_epoch([0.1, 0.5, 0.8, 0.9, 0.9, 0.9, 0.9]) == 6  # the first 3-epoch mean within 0.01 of the best
+    assert study.plateau_epoch([0.1, 0.2, 0.3, 0.4, 0.5]) == 5  # still rising: all epochs
+    assert study.plateau_epoch([0.7]) == 1
+    with pytest.raises(ValueError):
+        study.plateau_epoch([])
+
+
+def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys):
+    design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], filter_threshold=0.0)
+    srun = study.design_run(run, design)
+    steps = study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False)
+    assert steps[1]["steps"] == 2 * steps[1]["epochs"] and len(steps[1]["curve"]) == 3
+    gen_cfg, vae_cfg = small_configs()
+
+    # a generator checkpoint in the cell's folder trained on other patients stops the cell
+    cell = run.run_dir / "study" / "work" / "n1_s0"
+    other = srun.slices("train")
+    other = other.subset(np.flatnonzero(other.case_ids != design.subset(1, 0)[0]))
+    gan.train_gan(other.images.astype(np.float32), other.masks, gen_cfg, out_dir=cell / "spade_gan", progress=False)
+    with pytest.raises(ValueError, match="other images/masks"):
+        study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False)
+    shutil.rmtree(cell / "spade_gan")
+    first = json.loads((run.run_dir / "study" / "results.json").read_text())
+    assert [r["strategy"] for r in first] == ["real"]  # scored before the generator was needed, and kept
+
+    records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg)
     assert "study cells" in capsys.readouterr().err  # a progress bar over the grid
-    kept = sorted(p.relative_to(run.run_dir / "study") for p in (run.run_dir / "study").rglob("*") if p.is_file())
-    assert [str(p) for p in kept] == ["results.json"]  # records only: no checkpoints, generators or samples
+    assert records[0] == first[0]
+    labels = sorted(study.setting_label(r) for r in records)
+    assert labels == sorted(["real only", "real + spade_gan x1", "spade_gan pre-training, real fine-tuning",
+                             "spade_gan only", "VAE latent segmenter", "real + spade_gan x0.5", "real + spade_gan x2",
+                             "real + spade_gan x1 (deformed shapes)", "real + spade_gan x1 (unfiltered)"])
+    assert {r["steps"] for r in records} == {steps[1]["steps"]}  # the same optimiser steps for every condition
+    for r in records:
+        assert RECORD_KEYS <= set(r) and r["design"] == design.id and r["train_patients"] == design.subset(1, 0)
+        assert set(r["test_dice"]) == set(design.test) and 0 <= r["mean_dice"] <= 1
+    mix2 = next(r for r in records if r["strategy"] == "mix" and r["ratio"] == 2.0)
+    assert mix2["n_synthetic_slices"] == 2 * mix2["n_real_slices"]
+    kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("*") if p.is_file())
+    assert kept == ["design.json", "results.json", "steps.json"]  # records only: no checkpoints or samples
 
-    monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert study.run_study(run, model, train, configs(), n_real=[1], ratios=[1.0], seeds=[0]) == records
-    table = study.study_table(records)
-    assert ("real only" in table.index.get_level_values("setting")) and table["seeds"].max() == 1
+    monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
+    assert study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False) == records
+    assert study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False) == steps
 
-
-def test_impossible_requests(run):
-    with pytest.raises(ValueError, match="n_real=9"):
-        study.real_subset(run, 9, 0)
-    with pytest.raises(KeyError, match="unknown generator"):
-        study.train_generator("gan", run.slices("train"), configs()["vae"], run.run_dir / "x", "cpu")
+    other_design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], seed=1)
+    with pytest.raises(ValueError, match="holds study design"):
+        study.design_run(run, other_design)
+    with pytest.raises(ValueError, match="records of study design"):
+        study.load_records(run.run_dir / "study" / "results.json", replace(design, ratio=3.0))
 
 
 def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond_the_interval():
     records = []
     for seed, (real, gain) in enumerate([(0.50, 0.10), (0.52, 0.11), (0.48, 0.09)]):
-        base = {"generator": None, "n_real": 1, "ratio": 0.0, "seed": seed}
+        base = {"generator": None, "n_real": 1, "ratio": 0.0, "seed": seed, "shapes": None, "filtered": None}
         patients = {f"p{i}": real + 0.02 * i for i in range(4)}
-        records.append(base | {"condition": "real", "mean_dice": real, "per_patient_dice": patients})
-        records.append(base | {"condition": "real+synthetic", "generator": "diffusion", "ratio": 1.0,
-                               "per_patient_dice": {p: d + gain for p, d in patients.items()}, "mean_dice": 0})
+        records.append(base | {"strategy": "real", "mean_dice": real, "test_dice": patients})
+        records.append(base | {"strategy": "mix", "generator": "spade_gan", "ratio": 1.0, "shapes": "new",
+                               "filtered": True, "test_dice": {p: d + gain for p, d in patients.items()},
+                               "mean_dice": 0})
         noisy = {p: d + (0.2 if i % 2 else -0.2) for i, (p, d) in enumerate(patients.items())}
-        records.append(base | {"condition": "synthetic", "generator": "diffusion", "ratio": None,
-                               "per_patient_dice": noisy, "mean_dice": 0})
+        records.append(base | {"strategy": "synthetic_only", "generator": "spade_gan", "ratio": 1.0, "shapes": "new",
+                               "filtered": True, "test_dice": noisy, "mean_dice": 0})
     table = study.study_conclusions(records)
-    helps = table.loc[(1, "real + diffusion x1")]
+    helps = table.loc[(1, "real + spade_gan x1")]
     assert helps["delta_dice_points"] == pytest.approx(10.0) and helps["pairs"] == 12 and helps["seeds"] == 3
     assert 9 <= helps["ci_low"] <= helps["ci_high"] <= 11 and helps["verdict"] == "helps"
-    unclear = table.loc[(1, "diffusion only")]
+    unclear = table.loc[(1, "spade_gan only")]
     assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
     assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
     assert set(study.study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
@@ -84,11 +134,16 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
 def test_the_demo_study_trains_real_only_to_a_dice_that_means_something(tmp_path):
     """Notebook 05's default study settings on the demo data: real only from 1 patient reaches 0.5."""
     nb = nbformat.read(PROJECT_ROOT / "notebooks" / "05_vae_synthesis.ipynb", as_version=4)
-    params: dict = {}
-    exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), params)
-    run = prepare_run("demo", tmp_path / "run", image_size=params["image_size"] or 64, seed=params["seed"],
-                      progress=False)
-    cfg = TrainConfig(epochs=params["study_epochs"], samples_per_epoch=params["study_samples_per_epoch"],
-                      device="cpu", patience=None)
-    records = study.run_study(run, segment.model_config(run, "unet"), cfg, {}, [1], [1.0], [0], progress=False)
-    assert records[0]["condition"] == "real" and records[0]["mean_dice"] >= 0.5
+    p: dict = {}
+    exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), p)
+    run = prepare_run("demo", tmp_path / "run", image_size=p["image_size"] or 64, seed=p["seed"], progress=False)
+    design = study.make_design(run, n_test=p["study_test_patients"], n_val=p["study_val_patients"],
+                               n_real=p["study_n_real"], seeds=p["study_seeds"], strategies=["real"], seed=p["seed"])
+    srun = study.design_run(run, design)
+    model_cfg = segment.model_config(srun, "unet")
+    cfg = TrainConfig(samples_per_epoch=p["study_samples_per_epoch"], device="cpu", patience=None)
+    steps = study.calibrate_steps(srun, design, model_cfg, cfg, max_epochs=p["study_max_epochs"], progress=False)
+    gen_cfg, vae_cfg = small_configs()
+    records = study.run_study(srun, design, model_cfg, cfg, steps, gen_cfg, vae_cfg, progress=False)
+    assert [r["strategy"] for r in records] == ["real"] * sum(p["study_seeds"][:1])
+    assert records[0]["mean_dice"] >= 0.5

@@ -154,3 +154,16 @@ def test_quality_table_ignores_background_only_slices(data):
     with pytest.raises(ValueError, match="real slices with foreground in \\['held-out'\\]"):
         quality_table((images, masks), (held_out[0], np.zeros_like(held_out[1])), {"copy": (images, masks)},
                       threshold_predictor, TinyEncoder())
+
+
+def test_a_generator_with_few_foreground_pairs_does_not_shrink_the_others(data):
+    images, masks = data
+    held_out = make_discs(12, seed=1)
+    plain = quality_table((images, masks), held_out, {"copy": (images, masks)}, threshold_predictor, TinyEncoder())
+    few = (images[:3], masks[:3])
+    n_few = int(few[1].reshape(3, -1).any(axis=1).sum())
+    table = quality_table((images, masks), held_out, {"few": few, "copy": (images, masks)}, threshold_predictor,
+                          TinyEncoder(), min_pairs=n_few + 1)
+    assert table["few"]["n"] == n_few and table["few"]["frechet"] is None and table["few"]["sharpness_ratio"] is None
+    assert table["copy"]["n"] == plain["copy"]["n"] > n_few
+    assert table["copy"]["frechet"] == pytest.approx(plain["copy"]["frechet"])

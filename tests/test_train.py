@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,17 @@ def test_finished_run_is_reused_and_keep_none_leaves_no_checkpoint(sets, tmp_pat
     assert reused.model is None and reused.best_val_dice == trial.best_val_dice
     with pytest.raises(ValueError, match="image_size"):
         fit(train, val, small_model(), cfg(epochs=1), tmp_path / "b", DATA | {"image_size": 64}, progress=False)
+
+
+def test_fine_tuning_starts_from_the_given_model(sets, tmp_path):
+    train, val, _ = sets
+    pre = fit(train, val, small_model(), cfg(epochs=1), tmp_path / "pre", DATA, progress=False).model
+    still = cfg(epochs=1, lr=1e-12, weight_decay=0.0)  # a step too small to move the weights
+    fine = fit(train, val, small_model(), still, tmp_path / "fine", DATA, init=pre, progress=False).model
+    fresh = fit(train, val, small_model(), replace(still, seed=1), tmp_path / "fresh", DATA, progress=False).model
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.allclose(weights(fine), weights(pre), atol=1e-6)
+    assert not torch.allclose(weights(fresh), weights(pre), atol=1e-3)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sets, tmp_path, monkeypatch):

@@ -267,7 +267,7 @@ def test_foreground_oversampling():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_latent_segmenter(straight, data, kind):
+def test_latent_segmenter(straight, data, kind, monkeypatch):
     model = straight[kind].model
     images, masks = data
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -276,5 +276,9 @@ def test_latent_segmenter(straight, data, kind):
     pred = predict_latent_segmenter(seg, images[:5])
     assert pred.shape == (5, SIZE, SIZE) and pred.dtype == np.uint8
     assert len(seg.history) == 2 and np.isfinite(seg.history[-1]["dice_ce"])
+    steps = []
+    monkeypatch.setattr(vae_mod, "_backward_step", lambda *a: steps.append(1))
+    train_latent_segmenter(model, images, masks, steps=7, batch_size=8, device="cpu", seed=0, progress=False)
+    assert len(steps) == 7  # an exact number of optimiser steps, the last epoch cut short
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
