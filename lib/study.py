@@ -207,8 +207,9 @@ def plateau_epoch(val_dice: list[float], tolerance: float = 0.01, window: int = 
     return int(np.flatnonzero(smooth >= np.nanmax(smooth) - tolerance)[0]) + w
 
 
-def _epoch_steps(cfg: TrainConfig, n_slices: int) -> int:
-    return max(1, math.ceil((cfg.samples_per_epoch or n_slices) / cfg.batch_size))
+def _epoch_steps(cfg: TrainConfig) -> int:
+    """Optimiser steps per epoch: the same for every training set (``samples_per_epoch`` is set)."""
+    return math.ceil(cfg.samples_per_epoch / cfg.batch_size)
 
 
 def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
@@ -229,7 +230,7 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
         raise ValueError(f"{path} was calibrated for study design {saved.get('design')}, not {design.id}")
     out = {int(k): v for k, v in saved.get("steps", {}).items()}
     train, val = run.slices("train"), run.slices("val")
-    per_epoch = _epoch_steps(train_cfg, 0)
+    per_epoch = _epoch_steps(train_cfg)
     for n in tqdm(design.n_real, desc="choosing steps on validation", disable=not progress):
         if n in out:
             continue
@@ -268,7 +269,6 @@ class _Cell:
 
     n: int
     seed: int
-    patients: list[str]
     real: SliceSet
     work: Path
     real_model: torch.nn.Module | None = None
@@ -300,13 +300,12 @@ def run_study(
     done = {_key(r) for r in records}
     train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
-    per_epoch = _epoch_steps(train_cfg, 0)
     for n, seed in tqdm(design.cells(), desc="study cells (n_real, seed)", disable=not progress):
         todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in done]
         if not todo:
             continue
         patients = design.subset(n, seed)
-        cell = _Cell(n, seed, patients, _patients(train, patients), out / "work" / f"n{n}_s{seed}")
+        cell = _Cell(n, seed, _patients(train, patients), out / "work" / f"n{n}_s{seed}")
         epochs = steps[n]["epochs"]
         cfg = replace(train_cfg, epochs=epochs, seed=seed, device=device)
         for cond in design.conditions(n):  # real only first: the filter uses its U-Net
@@ -321,7 +320,7 @@ def run_study(
             records.append(_fields(cond, n, seed) | {
                 "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
                 "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
-                "steps": extra.pop("steps", epochs * per_epoch), "train_seconds": time.perf_counter() - t0,
+                "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
                 "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real), **extra})
             write_json(path, records)
         shutil.rmtree(cell.work, ignore_errors=True)
@@ -356,13 +355,13 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
         vae_model, _ = vae.train_vae(cell.real.images.astype(np.float32), cell.real.masks,
                                      replace(vae_cfg, seed=cell.seed), device=device, out_dir=cell.work / "vae",
                                      progress=False)
-        steps = cfg.epochs * _epoch_steps(cfg, len(cell.real))
+        steps = cfg.epochs * _epoch_steps(cfg)
         seg = vae.train_latent_segmenter(vae_model, cell.real.images.astype(np.float32), cell.real.masks,
                                          steps=steps, batch_size=cfg.batch_size, device=device, seed=cell.seed,
                                          progress=False)
         pred = torch.from_numpy(vae.predict_latent_segmenter(seg, test.images.astype(np.float32))).long()
         probs = torch.nn.functional.one_hot(pred, run.task.num_classes).permute(0, 3, 1, 2).float()
-        return score_slices(probs, test, truths, run.labels), {"steps": steps}
+        return score_slices(probs, test, truths, run.labels), {}
     if cond.strategy == "real":
         model = train(cell.real, "", cfg)
         cell.real_model = model
