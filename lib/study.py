@@ -287,12 +287,15 @@ def run_study(
     vae_cfg: vae.VAEConfig,
     *,
     shape_cfg: ShapeModelConfig | None = None,
+    generator_samples: int | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every cell of the design (``run`` from :func:`design_run`); returns all records of
     ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`; a progress bar counts
-    the cells. Raises ValueError for records of another design and for a generator checkpoint
+    the cells. ``generator_samples``: slices each cell's generators (image generator and VAE)
+    see in training, so a cell of 1 patient trains them as many steps as a cell of 20 (None:
+    the configs' epochs). Raises ValueError for records of another design and for a generator checkpoint
     in a cell's folder that was trained on other patients."""
     out = run.run_dir / "study"
     path = out / "results.json"
@@ -306,22 +309,24 @@ def run_study(
             continue
         patients = design.subset(n, seed)
         cell = _Cell(n, seed, _patients(train, patients), out / "work" / f"n{n}_s{seed}")
-        epochs = steps[n]["epochs"]
-        cfg = replace(train_cfg, epochs=epochs, seed=seed, device=device)
+        cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
+        gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
+        gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
         for cond in design.conditions(n):  # real only first: the filter uses its U-Net
             finished = _key(_fields(cond, n, seed)) in done
             if finished and (cond.strategy != "real" or not _filters(todo)):
                 continue
             t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
             scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
-                                             generator_cfg, vae_cfg, shape_cfg, device)
+                                             gen_cfg, cell_vae_cfg, shape_cfg, device)
             if finished:
                 continue
             records.append(_fields(cond, n, seed) | {
                 "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
                 "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
                 "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
-                "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real), **extra})
+                "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
+                "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
             write_json(path, records)
         shutil.rmtree(cell.work, ignore_errors=True)
     return records

@@ -84,6 +84,15 @@ def test_parameters_cell_shares_names(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_understands_every_parameter(name):
+    """papermill skips a line it cannot parse (a comment holding a quote and an "=") and warns that the
+    parameter passed with -p is unknown: every assignment must be one it lists."""
+    params = next(c for c in cells(name, "code") if is_parameters(c))
+    listed = set(pm.inspect_notebook(str(NB_DIR / f"{name}.ipynb")))
+    assert set(assigned_names(params.source)) <= listed
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_stay_thin(name):
     for cell in cells(name, "code"):
         if "Colab setup" in cell.source or is_parameters(cell) or cell.source.startswith("%matplotlib"):
