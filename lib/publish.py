@@ -197,6 +197,82 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
     return out
 
 
+STUDY_RECORDS = ("design.json", "steps.json", "results.json", "summary.json")
+
+
+def publish_study(run_dir: str | Path, dataset: str | None = None, results_root: str | Path = RESULTS_ROOT,
+                  *, command: str | None = None) -> Path:
+    """Publish the synthetic-data study of ``run_dir`` (notebook 05) to ``results/<dataset>/study/``.
+
+    The summary (paired differences, intervals, verdicts) and the figures are made from the
+    records written so far, so a study that runs in chunks can be published between them; the
+    index says how many of the design's conditions are done. Also copies notebook 05 as executed.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no study (``study/design.json``, ``steps.json``).
+    """
+    from lib import study, viz
+
+    run_dir = Path(run_dir)
+    src = run_dir / "study"
+    if not (src / "design.json").is_file() or not (src / "steps.json").is_file():
+        raise FileNotFoundError(f"{src}: no study design and steps; run notebook 05 with study_n_real first")
+    design = study.read_design(src / "design.json")
+    steps = study.read_steps(src / "steps.json")
+    records = study.load_records(src / "results.json", design)
+    conclusions = study.study_conclusions(records)
+    study.write_summary(src, design, conclusions, steps)
+    viz.save_figure(study.study_figure(records, conclusions), src / "study.png")
+    viz.save_figure(study.steps_figure(steps), src / "steps.png")
+    out = Path(results_root) / (dataset or read_json(run_dir / "run.json")["task"]) / "study"
+    written = [write_text(out / name, relative_paths((src / name).read_text(encoding="utf-8")))
+               for name in STUDY_RECORDS if (src / name).is_file()]
+    for name in ("study.png", "steps.png"):
+        data = shrink_image((src / name).read_bytes())
+        written.append(write_with(out / name, lambda p, d=data: p.write_bytes(d)))
+    notebook = run_dir / "notebooks" / "05_vae_synthesis.ipynb"
+    if notebook.is_file():
+        written.append(write_text(out / "notebooks" / notebook.name, clean_notebook(notebook)))
+    index = study_index(design, steps, records, conclusions, command, notebook=notebook.is_file())
+    written.append(write_text(out / "README.md", index))
+    _check_sizes(out, written)
+    return out
+
+
+def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dict[str, Any]],
+                conclusions: pd.DataFrame, command: str | None = None, *, notebook: bool = False) -> str:
+    """The study folder's README.md: design, progress, steps, results table, verdicts, figures."""
+    from lib.study import study_table
+
+    planned = sum(len(design.conditions(n)) for n, _ in design.cells())
+    state = "complete" if len(records) >= planned else "in progress (resumable: the same command continues it)"
+    lines = [f"# Synthetic-data study: {design.dataset}", "",
+             f"Design `{design.id}` (`design.json`), fixed before any result: test patients {', '.join(design.test)}; "
+             f"validation {', '.join(design.val)}; training pool {', '.join(design.pool)}. Real training patients per "
+             f"cell: {list(design.n_real)}, with {list(design.seeds)} seeds (each seed another subset of the pool). "
+             f"Image generator: {design.generator} fed by the shape model, trained per cell on the cell's patients only; "
+             f"synthetic pairs kept when the cell's real-only U-Net agrees (Dice >= {design.filter_threshold}).", "",
+             f"**{len(records)} of {planned} conditions done: {state}.**", ""]
+    if command:
+        lines += ["Made by:", "", "```bash", relative_paths(command), "```", ""]
+    lines += ["## Steps", "", "Every condition of a patient count trains the same optimiser steps: where real only "
+              "reaches its validation plateau (`steps.json`).", "",
+              markdown_table(pd.DataFrame({n: {"epochs": s["epochs"], "steps": s["steps"], "plateau reached": s["plateau"]}
+                                           for n, s in sorted(steps.items())}).T.rename_axis("real patients")), "",
+              "![validation Dice against steps](steps.png)", ""]
+    if records:
+        lines += ["## Mean test Dice", "", "Per condition: mean over seeds of the mean per-patient 3D Dice on the test "
+                  "patients (`results.json` holds every record, with per-patient Dice).", "",
+                  markdown_table(study_table(records)), "",
+                  "## Against real only", "", "Mean paired difference in per-patient Dice (paired by seed, training "
+                  "subset and test patient), 95 % bootstrap interval, verdict only when the interval excludes 0 "
+                  "(`summary.json`).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
+    if notebook:
+        lines += ["[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb) (while the study runs: up to its "
+                  "last saved cell).", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _check_sizes(out: Path, written: list[Path]) -> None:
     big = [f"{p} ({p.stat().st_size / 2**20:.1f} MB)" for p in written if p.stat().st_size > MAX_FILE_BYTES]
     own = _sub_results(out)  # published on their own, each checked when it was published

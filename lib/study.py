@@ -554,10 +554,62 @@ def steps_figure(steps: dict[int, dict[str, Any]]) -> Figure:
     return fig
 
 
-def write_summary(run: Run, design: StudyDesign, conclusions: pd.DataFrame, steps: dict[int, dict[str, Any]]) -> Path:
-    """``study/summary.json``: the design, the steps per patient count and every paired comparison."""
+def study_workload(records: list[dict[str, Any]], steps: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """What a study trained, counted from its records and ``steps.json``: segmenter epochs
+    (calibration included; every epoch is ``samples_per_epoch`` slices plus one validation pass),
+    latent-segmenter steps, the scored conditions, and the slices that each cell's image
+    generator and VAE trained on (once per cell, shared by its conditions). Times per unit
+    (``bench/study_cost.py``) turn it into the study's cost on other hardware."""
+    per_epoch = {n: int(s["curve"][0][0]) for n, s in steps.items()}
+    out = {"segmenter_epochs": sum(len(s["curve"]) for s in steps.values()), "latent_steps": 0,
+           "conditions": len(records), "generator_slices": 0, "vae_slices": 0}
+    trained: set[tuple[str, int, int]] = set()
+    for r in records:
+        if r["strategy"] == "latent":
+            out["latent_steps"] += r["steps"]
+        else:
+            out["segmenter_epochs"] += r["steps"] // per_epoch[r["n_real"]]
+        kind = "vae" if r["strategy"] == "latent" else "generator"
+        if r.get("generator_epochs") and (kind, r["n_real"], r["seed"]) not in trained:
+            trained.add((kind, r["n_real"], r["seed"]))
+            out[f"{kind}_slices"] += r["generator_epochs"] * r["n_real_slices"]
+    return out
+
+
+def grid_workload(design: StudyDesign, steps: dict[int, dict[str, Any]], generator_samples: int) -> dict[str, int]:
+    """:func:`study_workload` of the whole grid, before it has run: what the design will train
+    with the calibrated ``steps`` (each cell's generators see about ``generator_samples`` slices)."""
+    out = {"segmenter_epochs": sum(len(s["curve"]) for s in steps.values()), "latent_steps": 0, "conditions": 0,
+           "generator_slices": 0, "vae_slices": 0}
+    for n, _ in design.cells():
+        conditions = design.conditions(n)
+        out["conditions"] += len(conditions)
+        for c in conditions:
+            if c.strategy == "latent":
+                out["latent_steps"] += steps[n]["steps"]
+            else:
+                out["segmenter_epochs"] += steps[n]["epochs"]
+        out["generator_slices"] += generator_samples * any(c.synthetic for c in conditions)
+        out["vae_slices"] += generator_samples * any(c.strategy == "latent" for c in conditions)
+    return out
+
+
+def write_summary(study_dir: Path, design: StudyDesign, conclusions: pd.DataFrame,
+                  steps: dict[int, dict[str, Any]]) -> Path:
+    """``summary.json`` in ``study_dir``: the design, the steps per patient count and every paired comparison."""
     rows = conclusions.reset_index().to_dict("records")
-    return write_json(run.run_dir / "study" / "summary.json",
+    return write_json(Path(study_dir) / "summary.json",
                       {"design": asdict(design) | {"id": design.id},
                        "steps": {str(n): {k: v for k, v in s.items() if k != "curve"} for n, s in steps.items()},
                        "comparisons": rows})
+
+
+def read_design(path: Path) -> StudyDesign:
+    """The design saved by :func:`design_run` (``study/design.json``)."""
+    fields = read_json(path)
+    return StudyDesign(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k != "id"})
+
+
+def read_steps(path: Path) -> dict[int, dict[str, Any]]:
+    """The steps chosen by :func:`calibrate_steps` (``study/steps.json``), by patient count."""
+    return {int(n): s for n, s in read_json(path)["steps"].items()}

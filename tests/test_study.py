@@ -10,6 +10,7 @@ from lib import gan, segment, study
 from lib.models import ModelConfig
 from lib.paths import PROJECT_ROOT
 from lib.pipeline import prepare_run
+from lib.publish import publish_study
 from lib.train import TrainConfig
 from lib.vae import VAEConfig
 from tests.helpers import make_task
@@ -64,7 +65,8 @@ def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():
         study.plateau_epoch([])
 
 
-def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys):
+def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys,
+                                                                                             tmp_path):
     design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], filter_threshold=0.0)
     srun = study.design_run(run, design)
     steps = study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False)
@@ -100,6 +102,11 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("*") if p.is_file())
     assert kept == ["design.json", "results.json", "steps.json"]  # records only: no checkpoints or samples
 
+    published = publish_study(run.run_dir, "demo", results_root=tmp_path / "results")
+    assert sorted(p.name for p in published.iterdir()) == ["README.md", "design.json", "results.json", "steps.json",
+                                                          "steps.png", "study.png", "summary.json"]
+    assert "9 of 9 conditions done: complete" in (published / "README.md").read_text()
+
     monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
     assert study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False) == records
     assert study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False) == steps
@@ -109,6 +116,27 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
         study.design_run(run, other_design)
     with pytest.raises(ValueError, match="records of study design"):
         study.load_records(run.run_dir / "study" / "results.json", replace(design, ratio=3.0))
+
+
+def test_workload_counts_calibration_conditions_and_each_cells_generators_once():
+    steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "steps": 8}, 2: {"curve": [[4, 0.1], [8, 0.3]], "steps": 8}}
+    rec = {"n_real": 1, "seed": 0, "steps": 8, "n_real_slices": 10, "generator_epochs": None}
+    records = [rec | {"strategy": "real"}, rec | {"strategy": "mix", "generator_epochs": 3},
+               rec | {"strategy": "pretrain", "generator_epochs": 3}, rec | {"strategy": "latent", "generator_epochs": 3},
+               rec | {"strategy": "mix", "seed": 1, "generator_epochs": 3},
+               rec | {"strategy": "mix", "n_real": 2, "n_real_slices": 20, "generator_epochs": 2}]
+    assert study.study_workload(records, steps) == {
+        "segmenter_epochs": 3 + 2 + 5 * 2, "latent_steps": 8, "conditions": 6,
+        "generator_slices": 30 + 30 + 40, "vae_slices": 30}
+
+
+def test_grid_workload_counts_every_planned_condition(run):
+    design = study.make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1])
+    steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "epochs": 2, "steps": 8},
+             2: {"curve": [[4, 0.1], [8, 0.3]], "epochs": 1, "steps": 4}}
+    work = study.grid_workload(design, steps, generator_samples=100)
+    assert work == {"segmenter_epochs": 5 + 2 * 8 * 2 + 4 * 1, "latent_steps": 2 * 8 + 4, "conditions": 2 * 9 + 5,
+                    "generator_slices": 300, "vae_slices": 300}
 
 
 def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond_the_interval():
