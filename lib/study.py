@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from lib import diffusion, gan, segment, synthesis, vae
 from lib.atomic import read_json, write_json
+from lib.generative import TrainingCollapsed, load_generator
 from lib.inference import predict_probs, probs_to_volume
 from lib.metrics import dice, paired_bootstrap
 from lib.models import ModelConfig
@@ -60,8 +61,8 @@ from lib.slices import SliceSet, concat, load_pairs, save_pairs
 from lib.train import TrainConfig, fit
 
 STRATEGIES = ("real", "mix", "pretrain", "synthetic_only", "latent")
-IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images),
-                    "diffusion": (diffusion.train_diffusion, diffusion.generate_images)}
+IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images, gan.SPADEGAN),
+                    "diffusion": (diffusion.train_diffusion, diffusion.generate_images, diffusion.MaskDDPM)}
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,7 @@ class _Cell:
     generator: Any = None
     shape_model: ShapeModel | None = None
     pools: dict[tuple[str, bool], tuple[SliceSet, float]] = field(default_factory=dict)
+    generator_stopped: str | None = None  # why the image generator stopped before its epochs, if it did
 
 
 def run_study(
@@ -372,7 +374,7 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
         cell.real_model = model
         return _score(model, test, truths, run, device), {}
     synth, kept = _synthetic(cell, cond, design, generator_cfg, shape_cfg, run, device)
-    extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept}
+    extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept, "generator_stopped": cell.generator_stopped}
     if cond.strategy == "mix":
         model = train(concat(cell.real, synth), "", cfg)
     elif cond.strategy == "synthetic_only":
@@ -397,11 +399,16 @@ def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, generator_cfg:
     cell trains on the same pairs."""
     key = (cond.shapes, bool(cond.filtered))
     if key not in cell.pools:
-        train_fn, generate = IMAGE_GENERATORS[design.generator]
+        train_fn, generate, kind = IMAGE_GENERATORS[design.generator]
         images, masks = cell.real.images.astype(np.float32), cell.real.masks
         if cell.generator is None:
-            cell.generator, _ = train_fn(images, masks, replace(generator_cfg, seed=cell.seed), device=device,
-                                         out_dir=cell.work / design.generator, progress=False)
+            out_dir = cell.work / design.generator
+            try:
+                cell.generator, _ = train_fn(images, masks, replace(generator_cfg, seed=cell.seed), device=device,
+                                             out_dir=out_dir, progress=False)
+            except TrainingCollapsed as err:  # on one patient's slices a discriminator can win: keep the last good epoch
+                cell.generator = load_generator(kind, out_dir / f"{kind.KIND}.pt", device)[0]
+                cell.generator_stopped = str(err)
         if cell.shape_model is None and cond.shapes == "new":
             cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
                                                                                  seed=cell.seed))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lib import gan, segment, study
+from lib.generative import TrainingCollapsed
 from lib.models import ModelConfig
 from lib.paths import PROJECT_ROOT
 from lib.pipeline import prepare_run
@@ -85,7 +86,14 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     assert [r["strategy"] for r in first] == ["real"]  # scored before the generator was needed, and kept
 
     samples = first[0]["n_real_slices"] + 1  # the generators of a cell see this many slices: 2 epochs
-    records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples)
+
+    def discriminator_wins(self, row, history):  # a GAN that collapses in its 2nd epoch: the 1st is used
+        if row["epoch"] == 2:
+            raise TrainingCollapsed("spade_gan: the discriminator wins")
+
+    with monkeypatch.context() as m:
+        m.setattr(gan.SPADEGAN, "check_epoch", discriminator_wins)
+        records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples)
     assert "study cells" in capsys.readouterr().err  # a progress bar over the grid
     assert records[0] == first[0]
     labels = sorted(study.setting_label(r) for r in records)
@@ -97,6 +105,8 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
         assert RECORD_KEYS <= set(r) and r["design"] == design.id and r["train_patients"] == design.subset(1, 0)
         assert set(r["test_dice"]) == set(design.test) and 0 <= r["mean_dice"] <= 1
         assert r["generator_epochs"] == (None if r["strategy"] == "real" else 2)
+        if r["strategy"] in ("mix", "pretrain", "synthetic_only"):
+            assert r["generator_stopped"] == "spade_gan: the discriminator wins"
     mix2 = next(r for r in records if r["strategy"] == "mix" and r["ratio"] == 2.0)
     assert mix2["n_synthetic_slices"] == 2 * mix2["n_real_slices"]
     kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("*") if p.is_file())
