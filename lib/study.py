@@ -52,7 +52,7 @@ from lib import diffusion, gan, segment, synthesis, vae
 from lib.atomic import read_json, write_json
 from lib.generative import TrainingCollapsed, load_generator
 from lib.inference import predict_probs, probs_to_volume
-from lib.metrics import dice, paired_bootstrap
+from lib.metrics import cluster_bootstrap, dice
 from lib.models import ModelConfig
 from lib.msd import read_label
 from lib.pipeline import Run
@@ -485,7 +485,8 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
                       min_pairs: int = 6, min_seeds: int = 3) -> pd.DataFrame:
     """Each setting against "real only" at the same n_real: the mean paired difference in
     per-patient test Dice (paired by seed, hence training subset, and by test patient) with a 95 %
-    bootstrap interval over the pairs (:func:`lib.metrics.paired_bootstrap`).
+    bootstrap interval that resamples the seeds, then the test patients within each
+    (:func:`lib.metrics.cluster_bootstrap`): the interval holds the spread between training subsets.
 
     The verdict is "helps" only when the interval is above 0, "hurts" only when it is below 0,
     otherwise "no clear difference"; with fewer than ``min_seeds`` seeds or ``min_pairs`` pairs it
@@ -500,10 +501,10 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
     rows = []
     for (n, setting), group in df[df["strategy"] != "real"].groupby(["n_real", "setting"]):
         matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
-        diffs = [d for r, b in matched for d in _pairs(r, b)]
-        if not np.isfinite(diffs).any():
+        groups = [_pairs(r, b) for r, b in matched]
+        if not np.isfinite([d for g in groups for d in g]).any():
             continue
-        ci = paired_bootstrap(diffs, n_boot=n_boot, seed=seed)
+        ci = cluster_bootstrap(groups, n_boot=n_boot, seed=seed)
         rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * ci["mean"],
                      "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"], "seeds": len(matched), "pairs": ci["n"],
                      "verdict": _verdict(ci, len(matched), min_seeds, min_pairs)})

@@ -10,6 +10,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from lib.metrics import (
+    cluster_bootstrap,
     dice,
     dice_from_counts,
     hd95,
@@ -306,3 +307,19 @@ def test_paired_bootstrap_matches_a_hand_computed_case() -> None:
     assert ci["verdict"] == "higher" and ci["n"] == 2
     ci = paired_bootstrap([0.0, 1.0])
     assert (ci["low"], ci["high"], ci["verdict"]) == (pytest.approx(0.0), pytest.approx(1.0), "no clear difference")
+
+
+def test_cluster_bootstrap_matches_a_hand_computed_case_and_keeps_the_spread_between_groups() -> None:
+    # two groups of constant differences: the groups drawn are {a, a}, {a, b} or {b, b} (chances 1/4, 1/2, 1/4),
+    # resampling within a constant group changes nothing, so the interval runs from a to b
+    ci = cluster_bootstrap([[0.1] * 5, [0.3] * 5])
+    assert ci["mean"] == pytest.approx(0.2) and ci["low"] == pytest.approx(0.1) and ci["high"] == pytest.approx(0.3)
+    assert ci["n"] == 10 and ci["groups"] == 2 and ci["verdict"] == "higher"
+    # the same differences pooled look precise; grouped by training run, a run that failed widens the interval
+    groups = [[0.05, 0.06, 0.04, 0.05]] * 4 + [[-0.2, -0.21, -0.19, -0.2]]
+    pooled = paired_bootstrap([d for g in groups for d in g])
+    grouped = cluster_bootstrap(groups)
+    assert grouped["mean"] == pytest.approx(pooled["mean"])
+    assert grouped["high"] - grouped["low"] > 1.5 * (pooled["high"] - pooled["low"])
+    with pytest.raises(ValueError, match="no finite"):
+        cluster_bootstrap([[float("nan")], []])
