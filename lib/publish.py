@@ -265,7 +265,8 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
                   "patients (`results.json` holds every record, with per-patient Dice).", "",
                   markdown_table(study_table(records)), "",
                   "## Against real only", "", "Mean paired difference in per-patient Dice (paired by seed, training "
-                  "subset and test patient), 95 % bootstrap interval, verdict only when the interval excludes 0 "
+                  "subset and test patient), 95 % two-stage bootstrap interval (seeds, then test patients within each), "
+                  "verdict only when the interval excludes 0 "
                   "(`summary.json`).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
     if notebook:
         lines += ["[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb) (while the study runs: up to its "
