@@ -239,6 +239,11 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     return out
 
 
+def _ids(patients: Iterable[str], shown: int = 10) -> str:
+    patients = list(patients)
+    return ", ".join(patients) if len(patients) <= shown else f"{len(patients)} (listed in `design.json`)"
+
+
 def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dict[str, Any]],
                 conclusions: pd.DataFrame, command: str | None = None, *, notebook: bool = False) -> str:
     """The study folder's README.md: design, progress, steps, results table, verdicts, figures."""
@@ -247,8 +252,8 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
     planned = sum(len(design.conditions(n)) for n, _ in design.cells())
     state = "complete" if len(records) >= planned else "in progress (resumable: the same command continues it)"
     lines = [f"# Synthetic-data study: {design.dataset}", "",
-             f"Design `{design.id}` (`design.json`), fixed before any result: test patients {', '.join(design.test)}; "
-             f"validation {', '.join(design.val)}; training pool {', '.join(design.pool)}. Real training patients per "
+             f"Design `{design.id}` (`design.json`), fixed before any result: test patients {_ids(design.test)}; "
+             f"validation {_ids(design.val)}; training pool {_ids(design.pool)}. Real training patients per "
              f"cell: {list(design.n_real)}, with {list(design.seeds)} seeds (each seed another subset of the pool). "
              f"Image generator: {design.generator} fed by the shape model, trained per cell on the cell's patients only; "
              f"synthetic pairs kept when the cell's real-only U-Net agrees (Dice >= {design.filter_threshold}).", "",
