@@ -164,7 +164,8 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
     table = study.study_conclusions(records)
     helps = table.loc[(1, "real + spade_gan x1")]
     assert helps["delta_dice_points"] == pytest.approx(10.0) and helps["pairs"] == 12 and helps["seeds"] == 3
-    assert 9 <= helps["ci_low"] <= helps["ci_high"] <= 11 and helps["verdict"] == "helps"
+    # the interval lies within the seeds' gains (9 to 11 points; the floor can round to 8.999...)
+    assert 9 - 1e-9 <= helps["ci_low"] <= helps["ci_high"] <= 11 + 1e-9 and helps["verdict"] == "helps"
     unclear = table.loc[(1, "spade_gan only")]
     assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
     assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
