@@ -229,7 +229,7 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
     saved = read_json(path) if path.is_file() else {}
     if saved and saved.get("design") != design.id:
         raise ValueError(f"{path} was calibrated for study design {saved.get('design')}, not {design.id}")
-    out = {int(k): v for k, v in saved.get("steps", {}).items()}
+    out = read_steps(path) if saved else {}
     train, val = run.slices("train"), run.slices("val")
     per_epoch = _epoch_steps(train_cfg)
     for n in tqdm(design.n_real, desc="choosing steps on validation", disable=not progress):
