@@ -1,6 +1,6 @@
 """What a synthetic-data study (notebook 05) costs on this machine, in fp32 and in bf16.
 
-    python bench/study_cost.py RUN_DIR [RUN_DIR ...] [--out bench/study_cost_cpu_2threads.json]
+    python bench/study_cost.py RUN_DIR [RUN_DIR ...] [--device cuda] [--out bench/study_cost_cpu_2threads.json]
 
 For each run folder holding a study (``study/design.json``, ``steps.json``, ``results.json``)
 and the generators of notebook 05 (their settings are the study's), it times the units of
@@ -40,13 +40,15 @@ UNITS = {"segmenter_epochs": "segmenter_epoch", "conditions": "condition_scoring
          "vae_slices": "vae_slice", "latent_steps": "latent_step"}  # workload count: its unit time
 
 
-def timed(fn) -> float:
+def timed(fn, device: str) -> float:
     t0 = time.perf_counter()
     fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: int) -> dict[str, float]:
+def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: int, device: str) -> dict[str, float]:
     """Seconds of each unit of the study's work, on the cell (1 real patient, seed 0) of ``run_dir``."""
     meta = read_json(run_dir / "run.json")
     run = prepare_run(meta["task_dir"], run_dir, image_size=meta["image_size"], seed=0, progress=False)
@@ -56,21 +58,22 @@ def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: in
     images, masks = real.images.astype(np.float32), real.masks
     gan_cfg = gan.load_gan(run_dir / "generators" / "spade_gan" / "spade_gan.pt")[1]
     vae_model, vae_cfg, _ = vae.load_vae(run_dir / "generators" / "vae" / vae.CHECKPOINT_NAME)
-    cfg = TrainConfig(samples_per_epoch=samples_per_epoch, epochs=2, patience=None, device="cpu")
+    cfg = TrainConfig(samples_per_epoch=samples_per_epoch, epochs=2, patience=None, device=device)
     model_cfg = segment.model_config(srun, "unet")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(real, val, model_cfg, replace(cfg, epochs=1), Path(tmp) / "warm", srun.data_settings(),
                      keep="none", progress=False)
         out["segmenter_epoch"] = timed(lambda: fit(real, val, model_cfg, cfg, Path(tmp) / "seg", srun.data_settings(),
-                                                   keep="none", progress=False)) / cfg.epochs
-        out["condition_scoring"] = timed(lambda: predict_probs(result.model, test.images, device="cpu"))
+                                                   keep="none", progress=False), device) / cfg.epochs
+        out["condition_scoring"] = timed(lambda: predict_probs(result.model, test.images, device=device), device)
         out["generator_slice"] = timed(lambda: gan.train_gan(images, masks, replace(gan_cfg, epochs=1, time_budget_min=None),
-                                                             progress=False)) / len(real)
+                                                             device=device, progress=False), device) / len(real)
         out["vae_slice"] = timed(lambda: vae.train_vae(images, masks, replace(vae_cfg, epochs=1, time_budget_min=None),
-                                                       progress=False)) / len(real)
+                                                       device=device, progress=False), device) / len(real)
         out["latent_step"] = timed(lambda: vae.train_latent_segmenter(vae_model, images, masks, steps=20,
-                                                                      batch_size=cfg.batch_size, progress=False)) / 20
+                                                                      batch_size=cfg.batch_size, device=device,
+                                                                      progress=False), device) / 20
     return out
 
 
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--samples-per-epoch", type=int, default=128, help="the study's study_samples_per_epoch")
     parser.add_argument("--generator-samples", type=int, default=8000, help="the study's study_generator_samples")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: fp32 and the GPU's autocast dtype)")
     parser.add_argument("--out", type=Path, default=Path("bench/study_cost_cpu_2threads.json"))
     args = parser.parse_args()
     report: dict = {"threads": torch.get_num_threads(), "studies": {}}
@@ -91,7 +95,7 @@ def main() -> None:
         entry = {"dataset": design.dataset, "design": design.id, "workload": work}
         for name, amp in [("fp32", "0"), ("bf16", "1")]:
             os.environ["MSDSEG_AMP"] = amp
-            unit = unit_seconds(run_dir, design, args.samples_per_epoch)
+            unit = unit_seconds(run_dir, design, args.samples_per_epoch, args.device)
             entry[name] = {"hardware": hardware(), "unit_seconds": unit} | {
                 f"hours, {k}": sum(w[u] * unit[s] for u, s in UNITS.items()) / 3600 for k, w in work.items()}
             print(run_dir.name, name, json.dumps(entry[name], indent=1))

@@ -112,7 +112,11 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 
 def _matches(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
-    return sorted({p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()})
+    """The run folder's files matching ``patterns``; a study that recorded no condition (a run of
+    notebook 05 for its quality table only) is left out, so it never overwrites a published study."""
+    study_ran = (run_dir / "study" / "results.json").is_file()
+    return sorted({p for pattern in patterns for p in run_dir.glob(pattern)
+                   if p.is_file() and (study_ran or p.relative_to(run_dir).parts[0] != "study")})
 
 
 def publish(run_dir: str | Path, dataset: str | None = None, results_root: str | Path = RESULTS_ROOT,

@@ -110,6 +110,22 @@ def test_generators_are_published_as_synthesis_with_their_quality_table(tmp_path
     assert "| spade_gan | 12.0 | 15.0 |" in index and "(synthesis/samples.png)" in index
 
 
+def test_a_study_without_records_leaves_the_published_study_alone(tmp_path):
+    run = fake_run(tmp_path, noise_png(64))
+    (run / "study").mkdir()
+    (run / "study" / "design.json").write_text(json.dumps({"id": "quality-table run"}))
+    (run / "study" / "study.png").write_bytes(noise_png(64, seed=3))
+    published = tmp_path / "results" / "Task99_Test" / "study"
+    published.mkdir(parents=True)
+    (published / "design.json").write_text(json.dumps({"id": "the real study"}))
+    publish.publish(run, results_root=tmp_path / "results")
+    assert json.loads((published / "design.json").read_text()) == {"id": "the real study"}
+    assert not (published / "study.png").exists()
+    (run / "study" / "results.json").write_text("[]")  # a study that ran is published
+    publish.publish(run, results_root=tmp_path / "results")
+    assert json.loads((published / "design.json").read_text()) == {"id": "quality-table run"}
+
+
 def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path):
     root = tmp_path / "cv"
     for fold, cases in enumerate([["a", "b"], ["c"]]):
