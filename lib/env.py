@@ -72,10 +72,10 @@ def git_sha() -> str:
         return "unknown"
 
 
-def hardware() -> str:
-    """The compute used and its precision, e.g. '1x NVIDIA H100 80GB HBM3, bf16' or
-    '2 CPU cores (x86_64), 2 torch thread(s), fp32'."""
-    device = get_device()
+def hardware(device: torch.device | None = None) -> str:
+    """The compute used (``device``, default: :func:`get_device`) and its precision, e.g.
+    '1x NVIDIA H100 80GB HBM3, bf16' or '2 CPU cores (x86_64), 2 torch thread(s), fp32'."""
+    device = device or get_device()
     precision = str(amp_dtype(device) or "fp32").removeprefix("torch.").replace("bfloat16", "bf16")
     precision = precision.replace("float16", "fp16")
     if device.type == "cuda":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -153,14 +154,15 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
     return out
 
 
-CV_FILES = ("split_file.json", "{name}/metrics.json", "{name}/history.json", "{name}/fit.json", "locator/history.json",
-            "locator/fit.json")
+CV_FILES = ("split_file.json", "{name}/metrics.json", "{name}/postprocessing.json", "{name}/history.json",
+            "{name}/fit.json", "locator/history.json", "locator/fit.json")
 
 
 def publish_cross_validation(root: str | Path, name: str, dataset: str, results_root: str | Path = RESULTS_ROOT,
-                             *, command: str | None = None) -> Path:
-    """Publish a cross-validation (``tools/cross_validate.py``) to ``results/<dataset>/cross_validation/``:
-    the per-patient table, each fold's executed notebook, records and curves, and an index.
+                             *, command: str | None = None, folder: str = "cross_validation") -> Path:
+    """Publish a cross-validation (``tools/cross_validate.py``) to ``results/<dataset>/<folder>/``:
+    the per-patient table, each fold's executed notebook, records and curves, and an index
+    naming the hardware and precision the folds trained on (from their ``fit.json``).
 
     Raises:
         FileNotFoundError: ``root`` holds no ``cross_validation.csv``.
@@ -170,7 +172,7 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
     root = Path(root)
     if not (root / "cross_validation.csv").is_file():
         raise FileNotFoundError(f"{root}: no cross_validation.csv; run tools/cross_validate.py first")
-    out = Path(results_root) / dataset / "cross_validation"
+    out = Path(results_root) / dataset / folder
     folds = sorted(p for p in root.glob("fold_*") if (p / name / "metrics.json").is_file())
     written = [write_text(out / "cross_validation.csv", (root / "cross_validation.csv").read_text())]
     for fold in folds:
@@ -185,13 +187,18 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
             data = shrink_image(curves.read_bytes())
             written.append(write_with(out / fold.name / name / "curves.png", lambda p, d=data: p.write_bytes(d)))
     table = cross_validation_table(folds, name)
+    hardware = sorted({_fold_hardware(f, name) for f in folds})
     lines = [f"# Cross-validation: {name} on {dataset}", "",
-             f"{len(folds)} folds, every patient tested once by a model that never saw it. Made by:", "", "```bash",
+             f"{len(folds)} folds, every patient tested once by a model that never saw it. Hardware and precision "
+             f"of the training: {'; '.join(hardware) or 'not recorded'}. Made by:", "", "```bash",
              relative_paths(command or f"python tools/cross_validate.py --root {root}"), "```", "",
-             "Per test patient: 3D Dice at the original resolution (largest component kept), HD95 in mm, the Dice "
-             "with flip TTA, and the fold's best validation Dice and epochs.", "", markdown_table(table), "",
+             "Per test patient: 3D Dice at the original resolution as the notebook reports it (`dice`, with its "
+             "`tta` and component setting), HD95 in mm, the Dice without TTA or component filtering (`dice_plain`) "
+             "and with flip TTA and the largest component (`dice_tta`), and the fold's best validation Dice and "
+             "epochs.", "", markdown_table(table), "",
              f"**Mean over {len(table)} patients: Dice {table['dice'].mean():.3f} ± {table['dice'].std():.3f} (sd), "
-             f"with flip TTA {table['dice_tta'].mean():.3f} (lowest patient {table['dice_tta'].min():.3f}), "
+             f"plain {table['dice_plain'].mean():.3f}, with flip TTA + largest component "
+             f"{table['dice_tta'].mean():.3f} (lowest patient {table['dice_tta'].min():.3f}), "
              f"HD95 {table['hd95_mm'].mean():.1f} mm.**", "",
              "Each fold's executed notebook, records (`metrics.json`, `history.json`, `fit.json`, the locator's) and "
              "curves are in its `fold_<i>/` folder:", "",
@@ -199,6 +206,18 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
     written.append(write_text(out / "README.md", "\n".join(lines)))
     _check_sizes(out, written)
     return out
+
+
+def _fold_hardware(fold: Path, name: str) -> str:
+    """Hardware and precision of a fold's training: its ``fit.json``, else the environment line its
+    executed notebook printed (``lib.env.print_env``)."""
+    fit = fold / name / "fit.json"
+    if fit.is_file() and "hardware" in (record := read_json(fit)):
+        return str(record["hardware"])
+    for nb in fold.glob("*.ipynb"):
+        if found := re.search(r"hardware: ([^|\\\n]+?) \|", nb.read_text()):
+            return found.group(1)
+    return "not recorded"
 
 
 STUDY_RECORDS = ("design.json", "steps.json", "results.json", "summary.json")

@@ -232,14 +232,19 @@ def paired_differences(run_dir: str | Path, reference: str | None = None, names:
 
 def cross_validation_table(fold_dirs: list[str | Path], name: str) -> pd.DataFrame:
     """One row per test patient of a cross-validation (each fold's ``<name>/metrics.json``),
-    with its fold, test Dice (reported post-processing) and HD95, and the Dice with flip TTA."""
+    with its fold, test Dice (as the notebook reports it) and HD95, the Dice without TTA or
+    component filtering (``dice_plain``; NaN where not measured) and with flip TTA and the
+    largest component (``dice_tta``)."""
     rows = {}
     for fold, fold_dir in enumerate(map(Path, fold_dirs)):
         metrics = read_json(fold_dir / name / "metrics.json")
-        tta = read_json(fold_dir / name / "postprocessing.json")["tta+lcc"]["cases"]
+        variants = read_json(fold_dir / name / "postprocessing.json")
+        tta, plain = variants["tta+lcc"]["cases"], variants.get("plain", {}).get("cases", {})
         for case_id, m in metrics["cases"].items():
-            rows[case_id] = {"fold": fold, "dice": m["dice"], "hd95_mm": m["hd95"], "dice_tta": tta[case_id]["dice"],
-                             "val_dice": metrics["best_val_dice"], "epochs": metrics["epochs_trained"]}
+            rows[case_id] = {"fold": fold, "dice": m["dice"], "hd95_mm": m["hd95"],
+                             "dice_plain": plain.get(case_id, {}).get("dice", float("nan")),
+                             "dice_tta": tta[case_id]["dice"], "val_dice": metrics["best_val_dice"],
+                             "epochs": metrics["epochs_trained"]}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("patient")
 
 

@@ -136,12 +136,21 @@ def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path)
         (out / "postprocessing.json").write_text(json.dumps({"tta+lcc": {"cases": {c: {"dice": 0.85} for c in cases}}}))
         (out / "history.json").write_text("[]")
         (out / "last.pt").write_bytes(b"weights")
+    (root / "fold_0" / "unet" / "fit.json").write_text(json.dumps({"hardware": "2 CPU cores (x86_64), fp32"}))
+    (root / "fold_1" / "04_unet.ipynb").write_text(json.dumps(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output(
+            "stream", text="torch: 2 | hardware: 2 CPU cores (x86_64), bf16 | threads: 2\n")])])))
     (root / "cross_validation.csv").write_text("patient,dice\na,0.8\n")
-    out = publish.publish_cross_validation(root, "unet", "TaskX", tmp_path / "results", command="make cv")
+    out = publish.publish_cross_validation(root, "unet", "TaskX", tmp_path / "results", command="make cv",
+                                           folder="cv_bf16")
+    assert out == tmp_path / "results" / "TaskX" / "cv_bf16"
     assert (out / "fold_1" / "unet" / "metrics.json").is_file() and (out / "cross_validation.csv").is_file()
+    assert (out / "fold_1" / "unet" / "postprocessing.json").is_file()
     assert not list(out.rglob("*.pt"))
     index = (out / "README.md").read_text()
     assert "Mean over 3 patients: Dice 0.817" in index and "lowest patient 0.850" in index and "make cv" in index
+    # the hardware of each fold: from fit.json, else from the notebook's environment line
+    assert "training: 2 CPU cores (x86_64), bf16; 2 CPU cores (x86_64), fp32." in index
     with pytest.raises(FileNotFoundError, match="no cross_validation.csv"):
         publish.publish_cross_validation(tmp_path, "unet", "TaskX", tmp_path / "results")
 

@@ -36,10 +36,12 @@ def test_cross_validation_table_has_one_row_per_test_patient(tmp_path):
         scores = {c: {"dice": 0.5 + 0.1 * i, "hd95": 3.0} for i, c in enumerate(cases)}
         (out / "metrics.json").write_text(json.dumps({"cases": scores, "best_val_dice": 0.7, "epochs_trained": 4}))
         tta = {c: {"dice": 0.9} for c in cases}
-        (out / "postprocessing.json").write_text(json.dumps({"tta+lcc": {"cases": tta}}))
+        plain = {c: {"dice": 0.4} for c in cases[:1]}
+        (out / "postprocessing.json").write_text(json.dumps({"tta+lcc": {"cases": tta}, "plain": {"cases": plain}}))
     table = segment.cross_validation_table([tmp_path / "fold_0", tmp_path / "fold_1"], "unet")
     assert list(table.index) == ["a", "b", "c"] and list(table["fold"]) == [0, 0, 1]
     assert table["dice"].tolist() == [0.5, 0.6, 0.5] and table["dice_tta"].tolist() == [0.9] * 3
+    assert table["dice_plain"].fillna(-1).tolist() == [0.4, -1, 0.4]  # not measured: NaN
 
 
 def test_recommendation_prefers_a_cheaper_model_only_when_it_is_cheaper():

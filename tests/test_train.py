@@ -161,6 +161,23 @@ def test_lr_schedule_warms_up_then_decays_by_steps_or_time():
     assert lr_factor(100, 100, 10) == pytest.approx(0.01)
     assert lr_factor(19, 100, 10, time_fraction=0.5) == pytest.approx(0.505)  # time runs out before steps do
     assert lr_factor(20, 100, 10, time_fraction=2.0) == pytest.approx(0.01)
+    assert lr_factor(55, 100, 10, schedule="poly") == pytest.approx(0.5 ** 0.9)  # nnU-Net's poly decay
+    assert lr_factor(100, 100, 10, schedule="poly") == pytest.approx(0.0)
+    assert lr_factor(19, 100, 10, time_fraction=0.5, schedule="poly") == pytest.approx(0.5 ** 0.9)
+
+
+def test_sgd_recipe_learns_and_fit_json_records_the_recipe(sets, tmp_path):
+    train, val, _ = sets
+    result = fit(train, val, small_model(), cfg(epochs=6, lr=1e-2, optimizer="sgd"), tmp_path, DATA, progress=False)
+    assert result.best_val_dice > 0.5
+    sgd = train_mod.make_optimizer(result.model.parameters(), cfg(optimizer="sgd")).param_groups[0]
+    assert sgd["momentum"] == 0.99 and sgd["nesterov"]  # as nnU-Net
+    assert read_checkpoint(tmp_path / "best.pt")["train_config"]["optimizer"] == "sgd"
+    record = train_mod.read_json(tmp_path / "fit.json")
+    assert record["train_config"]["optimizer"] == "sgd" and record["train_config"]["lr"] == 1e-2
+    assert "CPU" in record["hardware"] and record["hardware"].endswith(("fp32", "bf16"))
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        cfg(optimizer="adam")
 
 
 def test_autocast_follows_amp_dtype():

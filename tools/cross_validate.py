@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--notebook", default="04_unet")
     parser.add_argument("--name", default="unet", help="model sub-folder the notebook writes")
     parser.add_argument("--publish", metavar="DATASET", help="also publish to results/DATASET/cross_validation/")
+    parser.add_argument("--publish-as", default="cross_validation", metavar="FOLDER",
+                        help="sub-folder of results/DATASET/ to publish to (e.g. cross_validation_bf16)")
     args, papermill_args = parser.parse_known_args()
     papermill_args = [a for a in papermill_args if a != "--"]
 
@@ -73,7 +75,8 @@ def main() -> None:
     print(table.round(3).to_string())
     if args.publish:
         command = " ".join(["python tools/cross_validate.py", *sys.argv[1:]])
-        print(f"published to {publish_cross_validation(args.root, args.name, args.publish, command=command)}")
+        out = publish_cross_validation(args.root, args.name, args.publish, command=command, folder=args.publish_as)
+        print(f"published to {out}")
     print(f"\nmean over {len(table)} patients: Dice {table['dice'].mean():.3f} ± {table['dice'].std():.3f}, "
           f"with flip TTA {table['dice_tta'].mean():.3f}, HD95 {table['hd95_mm'].mean():.1f} mm")
 
