@@ -8,7 +8,9 @@ Writes ``<root>/fold_<i>/split_file.json`` (:func:`lib.splits.make_folds`: every
 is tested once), runs the notebook by papermill into ``<root>/fold_<i>/`` with that split
 and the papermill arguments after ``--`` (a fold already scored is skipped; an
 interrupted one resumes from ``last.pt``), then prints one row per test patient and the
-mean over all patients, and writes ``<root>/cross_validation.csv``.
+mean over all patients, and writes ``<root>/cross_validation.csv``. ``--only 3 4`` trains
+just those folds (a screen of a setting on the folds that matter); the table then covers
+the folds scored so far.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle")
     parser.add_argument("--start-split", type=Path, help="split.json that becomes fold 0 (its val: fold 1's test)")
+    parser.add_argument("--only", type=int, nargs="+", metavar="FOLD", help="train only these folds")
     parser.add_argument("--notebook", default="04_unet")
     parser.add_argument("--name", default="unet", help="model sub-folder the notebook writes")
     parser.add_argument("--publish", metavar="DATASET", help="also publish to results/DATASET/cross_validation/")
@@ -60,6 +63,9 @@ def main() -> None:
         fold_dirs.append(fold_dir)
         if scored(fold_dir, args.name, split["test"]):
             print(f"fold {i}: already scored, skipped")
+            continue
+        if args.only is not None and i not in args.only:
+            fold_dirs.pop()
             continue
         split_file = write_json(fold_dir / "split_file.json", split)
         print(f"fold {i}: test {split['test']}, val {split['val']}", flush=True)
