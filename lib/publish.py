@@ -352,10 +352,11 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
                 metrics = read_json(run_dir / model / "metrics.json")
                 lines += [f"Per class, {model} (mean over test patients; `hd95_n_inf`: patients where the class "
                           "was missed or invented):", "", markdown_table(class_table(metrics, labels)), ""]
-    if (out / "cross_validation" / "README.md").is_file():
-        lines += ["## Cross-validation", "", "[cross_validation/](cross_validation/README.md): every patient tested "
-                  "once, with the per-fold records.", ""]
-    others = [d for d in _sub_results(out) if d.name != "cross_validation"]
+    cvs = [d for d in _sub_results(out) if d.name.startswith("cross_validation")]
+    if cvs:
+        lines += ["## Cross-validation", "", "Every patient tested once, with the per-fold records and the hardware "
+                  "each fold trained on:", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in cvs], ""]
+    others = [d for d in _sub_results(out) if d not in cvs]
     if others:
         lines += ["## Other runs published here", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in others], ""]
     lines += _figure_links(out)

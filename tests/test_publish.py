@@ -161,3 +161,10 @@ def test_runs_published_in_a_sub_folder_are_linked_from_the_index_and_keep_their
     index = (publish.publish(run, results_root=tmp_path / "results") / "README.md").read_text()
     assert "- [demo_preset/](demo_preset/README.md)" in index and (out / "unet" / "curves.png").is_file()
     assert "demo_preset/unet/curves.png" not in index and "(unet/curves.png)" in index
+    for cv in ("cross_validation", "cross_validation_bf16"):  # cross-validations get their own section
+        (tmp_path / "results" / "Task99_Test" / cv).mkdir()
+        (tmp_path / "results" / "Task99_Test" / cv / "README.md").write_text("# cv")
+    index = (publish.publish(run, results_root=tmp_path / "results") / "README.md").read_text()
+    cv_section = index.split("## Cross-validation")[1].split("##")[0]
+    assert "- [cross_validation_bf16/](cross_validation_bf16/README.md)" in cv_section
+    assert "cross_validation" not in index.split("## Other runs published here")[1]
