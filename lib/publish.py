@@ -200,7 +200,7 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
              f"plain {table['dice_plain'].mean():.3f}, with flip TTA + largest component "
              f"{table['dice_tta'].mean():.3f} (lowest patient {table['dice_tta'].min():.3f}), "
              f"HD95 {table['hd95_mm'].mean():.1f} mm.**", "",
-             "Each fold's executed notebook, records (`metrics.json`, `history.json`, `fit.json`, the locator's) and "
+             "Each fold's executed notebook, records (`metrics.json`, `postprocessing.json`, `history.json`, `fit.json`, the locator's) and "
              "curves are in its `fold_<i>/` folder:", "",
              *[f"- [{f.name}]({f.name}/)" for f in folds], ""]
     written.append(write_text(out / "README.md", "\n".join(lines)))
@@ -352,11 +352,12 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
                 metrics = read_json(run_dir / model / "metrics.json")
                 lines += [f"Per class, {model} (mean over test patients; `hd95_n_inf`: patients where the class "
                           "was missed or invented):", "", markdown_table(class_table(metrics, labels)), ""]
-    cvs = [d for d in _sub_results(out) if d.name.startswith("cross_validation")]
+    subs = _sub_results(out)
+    cvs = [d for d in subs if d.name.startswith("cross_validation")]
     if cvs:
         lines += ["## Cross-validation", "", "Every patient tested once, with the per-fold records and the hardware "
                   "each fold trained on:", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in cvs], ""]
-    others = [d for d in _sub_results(out) if d not in cvs]
+    others = [d for d in subs if d not in cvs]
     if others:
         lines += ["## Other runs published here", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in others], ""]
     lines += _figure_links(out)
