@@ -151,6 +151,7 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
                                   relative_paths(path.read_text(encoding="utf-8"))))
     written.append(write_text(out / "README.md", index_page(run_dir, out, dataset, command)))
     _check_sizes(out, written)
+    refresh_parent_index(out, results_root)
     return out
 
 
@@ -205,6 +206,7 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
              *[f"- [{f.name}]({f.name}/)" for f in folds], ""]
     written.append(write_text(out / "README.md", "\n".join(lines)))
     _check_sizes(out, written)
+    refresh_parent_index(out, results_root)
     return out
 
 
@@ -259,6 +261,7 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     index = study_index(design, steps, records, conclusions, command, notebook=notebook.is_file())
     written.append(write_text(out / "README.md", index))
     _check_sizes(out, written)
+    refresh_parent_index(out, results_root)
     return out
 
 
@@ -352,14 +355,7 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
                 metrics = read_json(run_dir / model / "metrics.json")
                 lines += [f"Per class, {model} (mean over test patients; `hd95_n_inf`: patients where the class "
                           "was missed or invented):", "", markdown_table(class_table(metrics, labels)), ""]
-    subs = _sub_results(out)
-    cvs = [d for d in subs if d.name.startswith("cross_validation")]
-    if cvs:
-        lines += ["## Cross-validation", "", "Every patient tested once, with the per-fold records and the hardware "
-                  "each fold trained on:", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in cvs], ""]
-    others = [d for d in subs if d not in cvs]
-    if others:
-        lines += ["## Other runs published here", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in others], ""]
+    lines += _sub_sections(out)
     lines += _figure_links(out)
     quality = run_dir / "generators" / "quality.json"
     if quality.is_file():
@@ -386,6 +382,51 @@ def _quality_section(quality: dict[str, Any]) -> list[str]:
     if "sample_grid" in quality:
         lines += [f"![real and synthetic pairs](synthesis/{quality['sample_grid']})", ""]
     return lines
+
+
+SUB_HEADINGS = ("## Cross-validation", "## Other runs published here")
+
+
+def _sub_sections(out: Path) -> list[str]:
+    """The index sections that link the sub-folders published on their own."""
+    subs = _sub_results(out)
+    cvs = [d for d in subs if d.name.startswith("cross_validation")]
+    others = [d for d in subs if d not in cvs]
+    lines = []
+    if cvs:
+        lines += [SUB_HEADINGS[0], "", "Every patient tested once, with the per-fold records and the hardware "
+                  "each fold trained on:", "", *[f"- [{d.name}/]({d.name}/README.md)" for d in cvs], ""]
+    if others:
+        lines += [SUB_HEADINGS[1], "", *[f"- [{d.name}/]({d.name}/README.md)" for d in others], ""]
+    return lines
+
+
+def refresh_parent_index(out: Path, results_root: str | Path = RESULTS_ROOT) -> None:
+    """After ``out`` was published inside a dataset's folder, relink the dataset index's sub-folder
+    sections; the rest of the index stays as its main run wrote it. A dataset folder with no index
+    (no main run published) gets one that lists its sub-folders."""
+    parent = Path(out).parent
+    if parent.resolve() == Path(results_root).resolve():
+        return
+    index = parent / "README.md"
+    if not index.is_file():
+        write_text(index, "\n".join([f"# Results: {parent.name}", "", "No main run is published for this dataset; "
+                                     "these parts are published on their own:", "", *_sub_sections(parent)]))
+        return
+    kept: list[str] = []
+    at = None  # where the old sub-folder sections stood
+    skipping = False
+    for line in index.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            skipping = line in SUB_HEADINGS
+            if skipping and at is None:
+                at = len(kept)
+        if not skipping:
+            kept.append(line)
+    if at is None:  # first sub-folder: before the figures and generator sections, as index_page orders them
+        at = next((i for i, line in enumerate(kept) if line.startswith("## ")
+                   and line not in ("## Executed notebooks", "## Segmentation: test patients")), len(kept))
+    write_text(index, "\n".join(kept[:at] + _sub_sections(parent) + kept[at:]).rstrip() + "\n")
 
 
 def _sub_results(out: Path) -> list[Path]:

@@ -168,3 +168,25 @@ def test_runs_published_in_a_sub_folder_are_linked_from_the_index_and_keep_their
     cv_section = index.split("## Cross-validation")[1].split("##")[0]
     assert "- [cross_validation_bf16/](cross_validation_bf16/README.md)" in cv_section
     assert "cross_validation" not in index.split("## Other runs published here")[1]
+
+
+def test_a_sub_folder_published_later_is_linked_from_the_dataset_index(tmp_path):
+    run = fake_run(tmp_path, noise_png(64))
+    results = tmp_path / "results"
+    index = publish.publish(run, results_root=results) / "README.md"
+    assert "## Cross-validation" not in index.read_text()
+    for cv in ("cross_validation_b", "cross_validation_a"):  # published after the main run, one by one
+        (results / "Task99_Test" / cv).mkdir()
+        (results / "Task99_Test" / cv / "README.md").write_text("# cv")
+        publish.refresh_parent_index(results / "Task99_Test" / cv, results)
+    text = index.read_text()
+    assert text.count("- [cross_validation_a/](cross_validation_a/README.md)") == 1
+    assert text.index("cross_validation_a/") < text.index("cross_validation_b/") < text.index("## Figures")
+    assert text.index("## Segmentation: test patients") < text.index("## Cross-validation")
+    # the same index as a full republish of the main run writes
+    assert text == (publish.publish(run, results_root=results) / "README.md").read_text()
+    # a dataset with only a sub-folder gets an index that links it
+    (results / "Task98" / "study").mkdir(parents=True)
+    (results / "Task98" / "study" / "README.md").write_text("# study")
+    publish.refresh_parent_index(results / "Task98" / "study", results)
+    assert "- [study/](study/README.md)" in (results / "Task98" / "README.md").read_text()
