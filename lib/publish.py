@@ -300,8 +300,8 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
                   "verdict only when the interval excludes 0 "
                   "(`summary.json`).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
     if notebook:
-        lines += ["[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb) (while the study runs: up to its "
-                  "last saved cell).", ""]
+        partial = "" if len(records) >= planned else " (while the study runs: up to its last saved cell)"
+        lines += [f"[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb){partial}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
