@@ -6,7 +6,8 @@ Files are written atomically, so an interrupted save keeps the previous checkpoi
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import pickle
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,45 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, 
     return Path(path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, foreign, unsafe or malformed."""
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict, with a clear error for missing, corrupt or foreign files."""
+    """Load a checkpoint dict with ``weights_only=True`` (tensors and plain Python values only,
+    never code), and check its kind, format version and required fields.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: one line naming the file and the problem.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused, the file holds objects other than tensors and plain values, which could run code "
+            f"when loaded ({str(err).splitlines()[-1].strip() or 'unsupported global'}); only load checkpoints "
+            "written by this project") from err
+    except Exception as err:  # torch raises many types for corrupt or truncated files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or state.get("kind") != KIND:
         kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: not a segmentation checkpoint (kind {kind!r})")
+        raise CheckpointError(f"{path}: not a segmentation checkpoint (kind {kind!r})")
+    version = state.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written in checkpoint format {version!r}, this version of the project reads "
+                              f"format {FORMAT_VERSION}; retrain, or use the project version that wrote it")
+    missing = [key for key in ("model_config", "data", "state_dict") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: malformed checkpoint, no {', '.join(missing)}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(state["model_config"]) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: model_config has unknown key(s) {', '.join(map(repr, unknown))} "
+                              "(written by another version of the project?)")
     return state
 
 
@@ -107,6 +135,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expected: d
     if expected:
         check_compatible(state, expected, str(path))
     # The checkpoint holds every weight: never fetch pretrained ones (works offline).
-    model = build_model(replace(ModelConfig(**state["model_config"]), encoder_weights=None))
-    model.load_state_dict(state.pop("state_dict"))
+    try:
+        model = build_model(replace(ModelConfig(**state["model_config"]), encoder_weights=None))
+        model.load_state_dict(state.pop("state_dict"))
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({first})") from err
     return model.to(device, memory_format=torch.channels_last).eval(), state

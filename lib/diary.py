@@ -12,14 +12,12 @@ file lock, so a crash never truncates the diary and two runs never interleave.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lib.atomic import write_text
+from lib.atomic import locked, write_text
 from lib.paths import PROJECT_ROOT, relative_paths
 
 HEADER = ("# Research diary\n\nDated entries, oldest first. Automatic entries are written by "
@@ -29,14 +27,6 @@ HEADER = ("# Research diary\n\nDated entries, oldest first. Automatic entries ar
 def diary_path(path: str | Path | None = None) -> Path:
     """The diary file: ``path``, else ``$MSDSEG_DIARY``, else ``<project>/diary.md``."""
     return Path(path or os.environ.get("MSDSEG_DIARY") or PROJECT_ROOT / "diary.md")
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def format_value(value: Any) -> str:
@@ -98,7 +88,7 @@ def append_entry(title: str, *, path: str | Path | None = None, **fields: Any) -
     """
     target = diary_path(path)
     entry = format_entry(title, **fields)
-    with _locked(target):
+    with locked(target):
         old = target.read_text(encoding="utf-8") if target.exists() else HEADER
         write_text(target, old.rstrip("\n") + "\n\n" + entry)
     return target

@@ -1,21 +1,25 @@
 """Download and safely extract Medical Segmentation Decathlon (MSD) task archives.
 
 The URLs and MD5 checksums are the ones MONAI uses in ``monai.apps.DecathlonDataset``.
-Downloads go to a temporary file that is renamed only once its checksum is verified, and
-archives are checked member by member before anything is extracted.
+Downloads go to a temporary file that is renamed only once its checksum is verified.
+Archives are checked member by member before anything is extracted: links (symbolic and
+hard), devices, fifos, paths that are absolute or leave the destination, and duplicate paths
+are refused. Extraction does not rely on tarfile's extraction filters (which some Python
+versions get wrong, e.g. CVE-2025-4517): directories and regular files are written by this
+module, so its safety does not depend on the Python version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm.auto import tqdm
 
@@ -41,6 +45,10 @@ MSD_TASKS: dict[str, dict[str, str]] = {
 }
 
 _CHUNK = 1 << 20
+# Create a new file only: O_EXCL fails on any existing entry, a link included.
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+)
 
 
 def download_msd_task(
@@ -92,10 +100,13 @@ def download_msd_task(
 def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     """Extract a ``.tar``/``.tar.gz``/``.tgz`` archive into ``dest`` after checking every member.
 
-    Members with an absolute path, a ``..`` component, a link pointing outside ``dest``, or
-    that are devices or fifos are refused before anything is written. macOS junk
-    (``._*`` files, ``__MACOSX/``) is skipped. The archive is extracted into a temporary
-    folder inside ``dest`` and its top-level entries are then moved into place.
+    Refused before anything is written: symbolic and hard links (wherever they point),
+    devices, fifos and other special files, absolute paths, ``..`` components, Windows
+    drives or backslashes, members inside a non-directory member, and members whose path
+    repeats an earlier one. macOS junk (``._*`` files, ``__MACOSX/``) and a ``.`` root entry
+    are skipped. Directories and regular files are written by this function (new files only,
+    mode 0o644 or 0o755 under the umask, no setuid) into a temporary folder inside ``dest``,
+    whose top-level entries are then moved into place; the folder is removed on any failure.
 
     Args:
         archive: tar archive, optionally gzip/bz2/xz compressed.
@@ -105,29 +116,28 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
         The extracted paths under ``dest``, in archive order.
 
     Raises:
-        ValueError: the archive has unsafe members (all of them are named).
+        ValueError: the archive has refused members (all of them are named, with reasons).
         FileExistsError: a top-level entry of the archive already exists in ``dest``.
     """
     archive, dest = Path(archive), Path(dest)
     with tarfile.open(archive, "r:*") as tar:
-        members = [m for m in tar.getmembers() if not _is_macos_junk(m.name)]
-        unsafe = [f"{m.name!r} ({reason})" for m in members if (reason := _unsafe_reason(m))]
-        if unsafe:
-            raise ValueError(f"{archive}: refusing to extract unsafe members: {', '.join(unsafe)}")
+        members = [m for m in tar.getmembers() if not _is_skipped(m)]
+        refused = _refusals(members)
+        if refused:
+            raise ValueError(f"{archive}: refusing to extract unsafe members: {', '.join(refused)}")
         dest.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".extract", dir=dest))
         try:
-            filter_kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, members=members, **filter_kw)
+            _write_members(archive, tar, members, tmp)
             entries = sorted(tmp.iterdir())
-            clashes = [str(dest / e.name) for e in entries if (dest / e.name).exists()]
+            clashes = [str(dest / e.name) for e in entries if os.path.lexists(dest / e.name)]
             if clashes:
                 raise FileExistsError(f"{archive}: already present, not overwriting: {clashes}")
             for entry in entries:
                 os.replace(entry, dest / entry.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return [dest.joinpath(*PurePosixPath(m.name).parts) for m in members]
+    return [dest.joinpath(*_parts(m.name)) for m in members]
 
 
 def find_task_dir(root: str | Path) -> Path:
@@ -189,31 +199,91 @@ def _file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _parts(name: str) -> tuple[str, ...]:
+    """Components of a member name, without empty and ``.`` components."""
+    return PurePosixPath(name).parts
+
+
+def _is_skipped(member: tarfile.TarInfo) -> bool:
+    """True for macOS junk and for a directory entry naming the archive root (``.``)."""
+    return _is_macos_junk(member.name) or (member.isdir() and not _parts(member.name))
+
+
 def _is_macos_junk(name: str) -> bool:
     """True for AppleDouble ``._*`` files and anything under ``__MACOSX/``."""
-    parts = PurePosixPath(name).parts
+    parts = _parts(name)
     return "__MACOSX" in parts or (bool(parts) and parts[-1].startswith("._"))
 
 
-def _escapes(path: str) -> bool:
-    """True if a path relative to the extraction root is absolute or leaves the root."""
-    norm = posixpath.normpath(path)
-    return posixpath.isabs(norm) or norm == ".." or norm.startswith("../")
+def _refusals(members: list[tarfile.TarInfo]) -> list[str]:
+    """``'name' (reason)`` for every member that must not be extracted, in archive order."""
+    first: dict[tuple[str, ...], tarfile.TarInfo] = {}
+    for member in members:
+        first.setdefault(_parts(member.name), member)
+    refused = []
+    for member in members:
+        parts = _parts(member.name)
+        reason = _unsafe_reason(member)
+        if reason is None and first[parts] is not member:
+            reason = f"same path as member {first[parts].name!r}"
+        if reason is None:
+            above = (first.get(parts[:i]) for i in range(1, len(parts)))
+            blocker = next((m for m in above if m is not None and not m.isdir()), None)
+            if blocker is not None:
+                reason = f"inside non-directory member {blocker.name!r}"
+        if reason is not None:
+            refused.append(f"{member.name!r} ({reason})")
+    return refused
 
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
-    """Why ``member`` must not be extracted, or None if it is safe."""
+    """Why ``member`` on its own must not be extracted, or None if it may be."""
     if PurePosixPath(member.name).is_absolute():
         return "absolute path"
-    if ".." in PurePosixPath(member.name).parts:
+    if "\\" in member.name or PureWindowsPath(member.name).drive:
+        return "Windows drive or backslash in path"
+    if ".." in _parts(member.name):
         return "'..' in path"
+    if not _parts(member.name):
+        return "empty path"
     if member.issym():
-        target = posixpath.join(posixpath.dirname(member.name), member.linkname)
-        if _escapes(target):
-            return f"symlink to {member.linkname!r} outside the destination"
-    elif member.islnk():
-        if _escapes(member.linkname):
-            return f"hardlink to {member.linkname!r} outside the destination"
-    elif not (member.isfile() or member.isdir()):
-        return "device or fifo"
+        return f"symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"hard link to {member.linkname!r}"
+    if not (member.isfile() or member.isdir()):
+        return "device, fifo or other special file"
     return None
+
+
+def _write_members(
+    archive: Path, tar: tarfile.TarFile, members: list[tarfile.TarInfo], root: Path
+) -> None:
+    """Create the directories and regular files of checked ``members`` in the new folder ``root``.
+
+    Files are created with ``O_EXCL``, which never follows a link and never overwrites, and
+    every folder written to must resolve inside ``root``.
+    """
+    real_root = os.path.realpath(root)
+    dirs = []
+    for member in members:
+        target = root.joinpath(*_parts(member.name))
+        folder = target if member.isdir() else target.parent
+        folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if os.path.commonpath([real_root, os.path.realpath(folder)]) != real_root:
+            raise ValueError(f"{archive}: {member.name!r} resolves outside the extraction folder")
+        if member.isdir():
+            dirs.append((target, member.mtime))
+            continue
+        mode = 0o755 if member.mode & 0o111 else 0o644
+        fd = os.open(target, _CREATE_FLAGS, mode)
+        with os.fdopen(fd, "wb") as out, tar.extractfile(member) as src:
+            shutil.copyfileobj(src, out, _CHUNK)
+        _set_mtime(target, member.mtime)
+    for target, mtime in reversed(dirs):  # after their contents, which change them
+        _set_mtime(target, mtime)
+
+
+def _set_mtime(path: Path, mtime: float) -> None:
+    """Set access and modification times of ``path``; a bad archive time is ignored."""
+    with contextlib.suppress(OSError, OverflowError, ValueError):
+        os.utime(path, (mtime, mtime))

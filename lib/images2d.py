@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lib.atomic import atomic_path, read_json
-from lib.msd import Case, MSDDataError, Task, Volume
+from lib.atomic import atomic_path
+from lib.msd import Case, MSDDataError, Task, Volume, check_finite, id_names, read_dataset_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA")
@@ -42,6 +42,19 @@ def is_image_folder(root: str | Path) -> bool:
 def image_files(folder: str | Path) -> list[Path]:
     """The 2D image files directly inside ``folder``, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def by_stem(files: list[Path], problems: list[str]) -> dict[str, Path]:
+    """``files`` by name stem (the case id); each stem that two files share (``a.png`` and
+    ``a.jpg``) is added to ``problems`` naming both files."""
+    found: dict[str, Path] = {}
+    for path in files:
+        if path.stem in found:
+            problems.append(f"{path} and {found[path.stem]} share the name {path.stem!r} "
+                            "(one file per case: keep one of them)")
+        else:
+            found[path.stem] = path
+    return found
 
 
 def _open(path: Path) -> Image.Image:
@@ -90,7 +103,7 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
         array = np.repeat(array[..., None], channels, axis=-1)
     if array.shape[-1] != channels:
         raise MSDDataError(f"{path}: {array.shape[-1]} channels, expected {channels}")
-    return np.ascontiguousarray(np.moveaxis(to_volume_axes(array), -1, 0)[..., None])
+    return check_finite(np.ascontiguousarray(np.moveaxis(to_volume_axes(array), -1, 0)[..., None]), path)
 
 
 def mask_values(path: Path, values: np.ndarray) -> np.ndarray:
@@ -164,19 +177,22 @@ def read_image_folder(root: str | Path) -> Task:
     """Read and check a 2D image folder (``images/``, ``masks/``, optional ``dataset.json``).
 
     Raises:
-        MSDDataError: naming every image without a mask, every unreadable file and every
-            mask of the wrong size or with values that are not class ids; an empty folder.
+        MSDDataError: naming every image without a mask, every two images (or masks) with one
+            name stem, every unreadable file and every mask of the wrong size or with values
+            that are not class ids; an empty folder; a malformed dataset.json field.
     """
     root = Path(root)
     images, masks = root / "images", root / "masks"
     files = image_files(images)
     if not files:
         raise MSDDataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    by_stem = {p.stem: p for p in image_files(masks)}
-    meta = read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+    meta_path = root / "dataset.json"
+    meta = read_dataset_json(meta_path) if meta_path.is_file() else {}
+    modalities, labels = (id_names(meta, key, meta_path) for key in ("modality", "labels"))
     problems, cases, values = [], [], set()
-    for path in files:
-        mask = by_stem.get(path.stem)
+    mask_by_stem = by_stem(image_files(masks), problems)
+    for path in by_stem(files, problems).values():
+        mask = mask_by_stem.get(path.stem)
         if mask is None:
             problems.append(f"{path}: image without a mask (expected {masks / path.stem}.png)")
             continue
@@ -190,19 +206,19 @@ def read_image_folder(root: str | Path) -> Task:
     if problems:
         raise MSDDataError(f"{root}: {len(problems)} problem(s) in the image folder:\n  " + "\n  ".join(problems))
     colour = any(_mode(c.image) in COLOUR_MODES for c in cases)
-    modalities = {int(k): str(v) for k, v in meta.get("modality", {}).items()} or (
+    modalities = modalities or (
         {0: "red", 1: "green", 2: "blue"} if colour else {0: "grey"})
-    labels = {int(k): str(v) for k, v in meta.get("labels", {}).items()} or (
+    labels = labels or (
         {0: "background", 1: "foreground"} if max(values) <= 1
         else {k: ("background" if k == 0 else f"class {k}") for k in range(max(values) + 1)})
     undeclared = sorted(values - set(labels))
     if undeclared:
-        raise MSDDataError(f"{root / 'dataset.json'}: masks hold classes {undeclared} that 'labels' does not declare")
+        raise MSDDataError(f"{meta_path}: masks hold classes {undeclared} that 'labels' does not declare")
     if len(modalities) not in (1, 3):
-        raise MSDDataError(f"{root / 'dataset.json'}: 'modality' must list 1 (grey) or 3 (RGB) channels")
+        raise MSDDataError(f"{meta_path}: 'modality' must list 1 (grey) or 3 (RGB) channels")
     spacing = meta.get("pixel_spacing")
-    if spacing is not None and not (isinstance(spacing, int | float) and spacing > 0):
-        raise MSDDataError(f"{root / 'dataset.json'}: 'pixel_spacing' must be a positive number of mm")
+    if spacing is not None and (isinstance(spacing, bool) or not (isinstance(spacing, int | float) and spacing > 0)):
+        raise MSDDataError(f"{meta_path}: 'pixel_spacing' must be a positive number of mm")
     if len(files) < 3:
         warnings.warn(f"{root}: only {len(files)} images; a train/validation/test split needs at least 3", stacklevel=2)
     return Task(root, str(meta.get("name", root.name)), modalities, labels, cases, pixel_spacing=spacing)

@@ -306,6 +306,9 @@ def convert_case(task: Task, case: Case, cfg: SliceConfig, out_path: Path) -> Pa
     volume = load_volume(task, case)
     norm = normalise_volume(volume.image, task.is_ct, cfg)
     images, masks, resized = to_slices(norm, volume.label, volume.spacing, cfg)
+    if not np.isfinite(images).all():  # e.g. intensities beyond float16's range
+        raise MSDDataError(f"{case.image}: {int(np.count_nonzero(~np.isfinite(images)))} slice values are not finite "
+                           "after normalisation; check the scan's intensities")
     meta = {
         "resized": list(resized) if cfg.on_canvas else None,
         "fingerprint": _fingerprint(case, cfg),

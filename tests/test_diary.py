@@ -20,7 +20,7 @@ def test_append_keeps_previous_entries(tmp_path):
     append_entry("second", path=path, notebook="b", dataset="d", setup={}, results={"x": 2})
     text = path.read_text()
     assert text.startswith("# Research diary") and text.index("first") < text.index("second")
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".diary")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".diary") and p.suffix != ".lock"]
 
 
 def test_env_variable_redirects_diary(tmp_path, monkeypatch):

@@ -6,8 +6,10 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
+import stat
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -168,8 +170,13 @@ UNSAFE_MEMBERS = {
     "symlink_rel": (f"{TASK}/up", tarfile.SYMTYPE, "../../outside"),
     "hardlink": (f"{TASK}/hard", tarfile.LNKTYPE, "../outside"),
     "hardlink_abs": (f"{TASK}/hard", tarfile.LNKTYPE, "/etc/passwd"),
+    "symlink_inside": (f"{TASK}/sub/link.json", tarfile.SYMTYPE, "../dataset.json"),
+    "hardlink_inside": (f"{TASK}/hard.json", tarfile.LNKTYPE, f"{TASK}/dataset.json"),
     "chardev": (f"{TASK}/tty", tarfile.CHRTYPE, ""),
+    "blockdev": (f"{TASK}/disk", tarfile.BLKTYPE, ""),
     "fifo": (f"{TASK}/pipe", tarfile.FIFOTYPE, ""),
+    "backslash": (f"{TASK}\\..\\..\\evil", tarfile.REGTYPE, ""),
+    "drive": ("C:evil", tarfile.REGTYPE, ""),
 }
 
 
@@ -193,17 +200,116 @@ def test_unsafe_member_rejected_and_nothing_extracted(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar"]
 
 
-def test_safe_links_inside_dest_are_extracted(tmp_path: Path) -> None:
+def _snapshot(root: Path) -> dict[str, str | bytes]:
+    """Every entry under ``root``: link target, file content, or ``"dir"``."""
+    return {
+        str(p.relative_to(root)): (
+            f"-> {p.readlink()}" if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+        )
+        for p in root.rglob("*")
+    }
+
+
+def _trusting_extract(path: Path, root: Path) -> None:
+    """Extract as tarfile does without a filter (the unprotected, pre-filter behaviour)."""
+    root.mkdir(parents=True)
+    trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    with tarfile.open(path) as tar:
+        tar.extractall(root, **trusted)
+
+
+# Link names and targets pass a textual check (each target, joined to the link's folder,
+# stays inside), but resolved one after the other they lead two levels above the
+# extraction root: out of safe_extract's temporary folder and out of ``dest``.
+ESCAPES = {
+    "simple": ([("link", "../..")], "link/pwned.txt"),
+    "chain": ([("a/b/up", "../.."), ("esc", "a/b/up/../..")], "esc/sentinel.txt"),
+}
+
+
+@pytest.mark.parametrize(("links", "victim"), ESCAPES.values(), ids=ESCAPES.keys())
+def test_symlink_escape_refused_and_nothing_written(
+    tmp_path: Path, links: list[tuple[str, str]], victim: str
+) -> None:
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        _add_special(tar, "a/b", tarfile.DIRTYPE)
+        for name, target in links:
+            _add_special(tar, name, tarfile.SYMTYPE, target)
+        _add_bytes(tar, victim, b"pwned")
+    probe = tmp_path / "probe"
+    _trusting_extract(path, probe / "dest" / "root")
+    escaped = probe / Path(victim).name
+    assert escaped.read_bytes() == b"pwned", "the archive must escape an unprotected extraction"
+    shutil.rmtree(probe)
+
+    (tmp_path / "sentinel.txt").write_bytes(b"original")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(path.name)) as err:
+        safe_extract(path, dest)
+    for name, target in links:
+        assert f"{name!r} (symbolic link to {target!r})" in str(err.value)
+    assert f"{victim!r} (inside non-directory member" in str(err.value)
+    assert _snapshot(tmp_path) == before
+    assert (tmp_path / "sentinel.txt").read_bytes() == b"original"
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "linkname", "reason"),
+    [
+        (tarfile.SYMTYPE, "../dataset.json", "symbolic link to '../dataset.json'"),
+        (tarfile.LNKTYPE, f"{TASK}/dataset.json", f"hard link to '{TASK}/dataset.json'"),
+    ],
+    ids=["symlink", "hardlink"],
+)
+def test_link_to_member_inside_archive_refused(
+    tmp_path: Path, kind: bytes, linkname: str, reason: str
+) -> None:
     path = tmp_path / "links.tgz"
     with tarfile.open(path, "w:gz") as tar:
         _add_bytes(tar, f"{TASK}/dataset.json", b"{}")
-        _add_special(tar, f"{TASK}/sub/link.json", tarfile.SYMTYPE, "../dataset.json")
-        _add_special(tar, f"{TASK}/hard.json", tarfile.LNKTYPE, f"{TASK}/dataset.json")
+        _add_special(tar, f"{TASK}/sub/link.json", kind, linkname)
     dest = tmp_path / "out"
-    extracted = safe_extract(path, dest)
-    assert dest / TASK / "hard.json" in extracted
-    assert (dest / TASK / "sub" / "link.json").read_bytes() == b"{}"
-    assert (dest / TASK / "hard.json").read_bytes() == b"{}"
+    with pytest.raises(ValueError, match=re.escape(f"'{TASK}/sub/link.json' ({reason})")):
+        safe_extract(path, dest)
+    assert not dest.exists()
+
+
+def test_duplicate_members_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tar:
+        _add_bytes(tar, f"{TASK}/dataset.json", b"{}")
+        _add_bytes(tar, f"{TASK}/labelsTr/a.nii.gz", b"label")
+        _add_bytes(tar, f"{TASK}/dataset.json", b"{}")
+        _add_bytes(tar, f"./{TASK}//labelsTr/a.nii.gz", b"other")
+    dest = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(path.name)) as err:
+        safe_extract(path, dest)
+    message = str(err.value)
+    assert f"'{TASK}/dataset.json' (same path as member '{TASK}/dataset.json')" in message
+    assert f"'./{TASK}//labelsTr/a.nii.gz' (same path as member '{TASK}/labelsTr/a.nii.gz')" in (
+        message
+    )
+    assert not dest.exists()
+
+
+def test_extracted_modes_and_mtimes(tmp_path: Path) -> None:
+    path = tmp_path / "modes.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, mode in [("tool", 0o4777), ("data", 0o666)]:
+            info = tarfile.TarInfo(f"{TASK}/{name}")
+            info.size, info.mode, info.mtime = 1, mode, 1_000_000_000
+            tar.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "out"
+    assert safe_extract(path, dest) == [dest / TASK / "tool", dest / TASK / "data"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((dest / TASK / "tool").stat().st_mode) == 0o755 & ~umask
+    assert stat.S_IMODE((dest / TASK / "data").stat().st_mode) == 0o644 & ~umask
+    assert (dest / TASK / "tool").stat().st_mtime == 1_000_000_000
 
 
 def test_safe_extract_refuses_to_overwrite(archive: tuple[Path, str], tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """2D image folders (PNG/JPG/TIFF + masks): reading, bad input, aspect-kept slices, 2D metrics,
 and a whole run from folder to PNG predictions of new images."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,27 @@ def test_bad_folders_name_the_file_and_the_problem(tmp_path, damage, message):
     root = make_folder(tmp_path / "bad")
     damage(root)
     with pytest.raises(MSDDataError, match=message):
+        read_image_folder(root)
+
+
+@pytest.mark.parametrize("folder", ["images", "masks"])
+def test_two_files_with_one_stem_are_refused_naming_both(tmp_path, folder):
+    root = make_folder(tmp_path / "dup")
+    Image.open(root / folder / "img1.png").save(root / folder / "img1.tif")
+    with pytest.raises(MSDDataError, match=rf"{folder}/img1\.tif and .*{folder}/img1\.png share "
+                                           r"the name 'img1'"):
+        read_image_folder(root)
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"modality": ["grey"]}, r"'modality' must be an object of channel id -> name"),
+    ({"labels": {"0": "background", "one": "lung"}}, r"'labels' key 'one' is not an integer class id"),
+    ([], r"dataset\.json must be a JSON object, got list"),
+])
+def test_malformed_dataset_json_fields_of_an_image_folder_are_named(tmp_path, meta, message):
+    root = make_folder(tmp_path / "meta")
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MSDDataError, match=r"meta/dataset\.json: " + message):
         read_image_folder(root)
 
 

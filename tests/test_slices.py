@@ -148,3 +148,24 @@ def test_context_slices_stack_neighbours_within_each_patient(task, tmp_path):
         with_context(plain.subset(np.arange(0, len(plain), 2)), 1)
     with pytest.raises(ValueError, match="different context"):
         concat(plain, ctx)
+
+
+@pytest.mark.parametrize("share", [1, 0.01])
+def test_non_finite_voxels_are_refused_by_name_and_count_and_never_reach_the_cache(tmp_path, share):
+    rng = np.random.default_rng(0)
+    from tests.helpers import blob_case, write_task
+
+    image, label = blob_case(rng)
+    bad = image.astype(np.float32)
+    flat = bad.reshape(-1)
+    n_bad = 1 if share == 1 else int(share * flat.size)
+    flat[rng.choice(flat.size, n_bad, replace=False)] = np.nan
+    root = write_task(tmp_path / "t", {"good": blob_case(rng), "bad": (bad, label)})
+    task = read_task(root)
+    with pytest.raises(MSDDataError, match=rf"bad\.nii\.gz: {n_bad} of {flat.size} voxels are NaN or infinite"):
+        build_cache(task, tmp_path / "cache", SliceConfig(image_size=16), workers=1, progress=False)
+    cache = cache_dir_for(tmp_path / "cache", task, SliceConfig(image_size=16))
+    assert not (cache / "bad.npz").exists()
+    for npz in cache.glob("*.npz"):
+        with np.load(npz) as z:
+            assert np.isfinite(z["images"]).all()
