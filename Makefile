@@ -41,10 +41,11 @@ publish: venv
 bench: venv
 	$(PY) bench/benchmark.py $(BENCH_ARGS)
 
-## Patient-level k-fold cross-validation of notebook 04 (FOLDS folds, every patient tested once).
+## Patient-level k-fold cross-validation of notebook 04 (FOLDS folds, every patient tested once), folds side by
+## side on a local Ray (CV_ARGS="--engine serial", "--address auto", "--fold-cpus 2": see tools/cross_validate.py).
 FOLDS ?= 5
 cv: venv
-	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) -- -p preset $(PRESET) $(if $(IMAGE_SIZE),-p image_size $(IMAGE_SIZE)) $(PARAMS)
+	$(PY) tools/cross_validate.py --data "$(DATA)" --root $(RUN) --folds $(FOLDS) $(CV_ARGS) -- -p preset $(PRESET) $(if $(IMAGE_SIZE),-p image_size $(IMAGE_SIZE)) $(PARAMS)
 
 lint: venv
 	$(PY) -m ruff check lib tests tools bench notebooks

@@ -1,6 +1,7 @@
 """What a synthetic-data study (notebook 05) costs on this machine, in fp32 and in bf16.
 
-    python bench/study_cost.py RUN_DIR [RUN_DIR ...] [--device cuda] [--out bench/study_cost_cpu_2threads.json]
+    python bench/study_cost.py RUN_DIR [RUN_DIR ...] [--device cuda] [--threads 1] [--workers 1 2 4 8 16 32] \
+        [--out bench/study_cost_cpu_2threads.json]
 
 For each run folder holding a study (``study/design.json``, ``steps.json``, ``results.json``)
 and the generators of notebook 05 (their settings are the study's), it times the units of
@@ -10,7 +11,11 @@ patients, one slice of image-generator and of VAE training, and one latent-segme
 It multiplies them by :func:`lib.study.study_workload` of the records (what the study trained,
 calibration included), which gives the study's cost for the conditions recorded so far and, scaled
 by the design's number of conditions, for the whole grid. Sampling and filtering the synthetic
-pairs are not timed (a few per cent). Not part of the test suite.
+pairs are not timed (a few per cent). ``--workers``: the grid's wall-clock when its cells run as
+jobs of :mod:`lib.engine` on that many workers of ``--threads`` torch threads each (the
+calibration first, then the cells longest first, :func:`lib.study.makespan`), assuming each
+worker has its own cores, as on a machine with ``workers x threads`` cores or a cluster.
+Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -77,14 +82,24 @@ def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: in
     return out
 
 
+def cost(work: dict[str, int], unit: dict[str, float]) -> float:
+    """Hours of ``work`` at ``unit`` seconds per unit."""
+    return sum(work[u] * unit[s] for u, s in UNITS.items()) / 3600
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--samples-per-epoch", type=int, default=128, help="the study's study_samples_per_epoch")
     parser.add_argument("--generator-samples", type=int, default=8000, help="the study's study_generator_samples")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: fp32 and the GPU's autocast dtype)")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[], help="wall-clock of the grid on these many "
+                        "workers of --threads threads each")
     parser.add_argument("--out", type=Path, default=Path("bench/study_cost_cpu_2threads.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report: dict = {"threads": torch.get_num_threads(), "studies": {}}
     for run_dir in args.run_dirs:
         design = study.read_design(run_dir / "study" / "design.json")
@@ -96,8 +111,14 @@ def main() -> None:
         for name, amp in [("fp32", "0"), ("bf16", "1")]:
             os.environ["MSDSEG_AMP"] = amp
             unit = unit_seconds(run_dir, design, args.samples_per_epoch, args.device)
-            entry[name] = {"hardware": hardware(), "unit_seconds": unit} | {
-                f"hours, {k}": sum(w[u] * unit[s] for u, s in UNITS.items()) / 3600 for k, w in work.items()}
+            hours = {k: cost(w, unit) for k, w in work.items()}
+            entry[name] = {"hardware": hardware(), "unit_seconds": unit} | {f"hours, {k}": h for k, h in hours.items()}
+            if args.workers:
+                calibration = cost(study.calibration_workload(steps), unit)
+                cells = [cost(study.cell_workload(design, n, steps, args.generator_samples), unit)
+                         for n, _ in design.cells()]
+                entry[name]["wall-clock hours of the full grid by workers"] = {
+                    w: calibration + study.makespan(cells, w) for w in args.workers}
             print(run_dir.name, name, json.dumps(entry[name], indent=1))
         report["studies"][run_dir.name] = entry
     write_json(args.out, report)

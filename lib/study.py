@@ -24,10 +24,14 @@ optimiser steps, chosen on the validation patients so that real only reaches its
 the original resolution). **Statistics**: :func:`study_conclusions` pairs each condition
 with real only by seed and test patient and gives a bootstrap interval.
 
-**Resumption**: every condition is one record in ``study/results.json``, written atomically
-as soon as it is scored; a re-run skips the records already there, so the grid runs in
-chunks. Records of another design are refused. The study keeps records, not models: a
-cell's generators, samples and U-Nets live in ``study/work/`` until its records are written.
+**Execution**: a cell is one function (:func:`run_cell`) and one job of :mod:`lib.engine`,
+so cells run side by side on every core or GPU of a machine, or on a Ray cluster.
+**Resumption**: every condition is one record in ``study/results.json``; the driver alone
+writes them, a cell's records at once when the cell finishes (merged under a file lock,
+never twice); a re-run skips the records already there, so the grid runs in chunks. Records
+of another design are refused. The study keeps records, not models: a cell's generators,
+samples and U-Nets live in ``study/work/`` until its records are written, so an interrupted
+cell resumes from them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from lib import diffusion, gan, segment, synthesis, vae
-from lib.atomic import read_json, write_json
+from lib.atomic import read_json, update_json, write_json
+from lib.engine import EngineConfig, Job, run_jobs
 from lib.generative import TrainingCollapsed, load_generator
 from lib.inference import predict_probs, probs_to_volume
 from lib.metrics import cluster_bootstrap, dice
@@ -264,6 +269,19 @@ def load_records(path: Path, design: StudyDesign) -> list[dict[str, Any]]:
     return records
 
 
+def add_records(path: Path, new: list[dict[str, Any]], design: StudyDesign) -> list[dict[str, Any]]:
+    """Merge ``new`` records into ``path`` under its lock (:func:`lib.atomic.update_json`): what
+    another process wrote meanwhile is kept, and a condition already recorded is not added twice.
+    Returns every record of the file."""
+    def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if foreign := sorted({str(r.get("design")) for r in records + new} - {design.id}):
+            raise ValueError(f"{path}: records of study design(s) {foreign}, not {design.id}")
+        have = {_key(r) for r in records}
+        return records + [r for r in new if _key(r) not in have]
+
+    return update_json(path, merge, default=[])
+
+
 @dataclass
 class _Cell:
     """What one (n_real, seed) cell shares between its conditions."""
@@ -279,59 +297,104 @@ class _Cell:
     generator_stopped: str | None = None  # why the image generator stopped before its epochs, if it did
 
 
-def run_study(
-    run: Run,
-    design: StudyDesign,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    steps: dict[int, dict[str, Any]],
-    generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
-    vae_cfg: vae.VAEConfig,
-    *,
-    shape_cfg: ShapeModelConfig | None = None,
-    generator_samples: int | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Run every cell of the design (``run`` from :func:`design_run`); returns all records of
-    ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`; a progress bar counts
-    the cells. ``generator_samples``: slices each cell's generators (image generator and VAE)
-    see in training, so a cell of 1 patient trains them as many steps as a cell of 20 (None:
-    the configs' epochs). Raises ValueError for records of another design and for a generator checkpoint
-    in a cell's folder that was trained on other patients."""
-    out = run.run_dir / "study"
-    path = out / "results.json"
-    records = load_records(path, design)
-    done = {_key(r) for r in records}
+def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
+             steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
+             vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
+             generator_samples: int | None = None, device: str = "cpu", done: frozenset[tuple] = frozenset(),
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Train and score the conditions of cell ``(n, seed)`` that are not in ``done`` (keys of
+    records already written); returns their records. The conditions share the cell's real-only
+    U-Net (the sample filter), image generator and shape model. Pure apart from the cell's own
+    folder ``study/work/n<n>_s<seed>``, where finished trainings and generators are kept until
+    the caller has saved the records, so a cell that is interrupted and run again resumes."""
+    todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in done]
+    if not todo:
+        return []
     train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
-    for n, seed in tqdm(design.cells(), desc="study cells (n_real, seed)", disable=not progress):
-        todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in done]
-        if not todo:
+    patients = design.subset(n, seed)
+    cell = _Cell(n, seed, _patients(train, patients), cell_folder(run, n, seed))
+    cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
+    gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
+    gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
+    records = []
+    for cond in design.conditions(n):  # real only first: the filter uses its U-Net
+        finished = cond not in todo
+        if finished and (cond.strategy != "real" or not _filters(todo)):
             continue
-        patients = design.subset(n, seed)
-        cell = _Cell(n, seed, _patients(train, patients), out / "work" / f"n{n}_s{seed}")
-        cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
-        gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
-        gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
-        for cond in design.conditions(n):  # real only first: the filter uses its U-Net
-            finished = _key(_fields(cond, n, seed)) in done
-            if finished and (cond.strategy != "real" or not _filters(todo)):
-                continue
-            t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
-            scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
-                                             gen_cfg, cell_vae_cfg, shape_cfg, device)
-            if finished:
-                continue
-            records.append(_fields(cond, n, seed) | {
-                "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
-                "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
-                "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
-                "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
-                "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
-            write_json(path, records)
-        shutil.rmtree(cell.work, ignore_errors=True)
+        t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
+        scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
+                                         gen_cfg, cell_vae_cfg, shape_cfg, device)
+        if finished:
+            continue
+        records.append(_fields(cond, n, seed) | {
+            "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
+            "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
+            "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
+            "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
+            "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
+        if progress:
+            print(f"cell n={n} seed={seed}: {setting_label(records[-1])}, test Dice {records[-1]['mean_dice']:.3f} "
+                  f"({records[-1]['train_seconds']:.0f} s)", flush=True)
     return records
+
+
+def cell_folder(run: Run, n: int, seed: int) -> Path:
+    """The work folder of cell ``(n, seed)``: trainings and generators until its records are saved."""
+    return run.run_dir / "study" / "work" / f"n{n}_s{seed}"
+
+
+def cell_jobs(run: Run, design: StudyDesign, records: list[dict[str, Any]], **cell_args: Any) -> list[Job]:
+    """One :class:`lib.engine.Job` per cell with conditions not yet in ``records``, calling
+    :func:`run_cell` with ``cell_args``."""
+    done = frozenset(_key(r) for r in records)
+    return [Job(f"cell n={n} seed={seed}", run_cell, {"run": run, "design": design, "n": n, "seed": seed,
+                                                       "done": done, **cell_args})
+            for n, seed in design.cells()
+            if any(_key(_fields(c, n, seed)) not in done for c in design.conditions(n))]
+
+
+def run_cells(run: Run, design: StudyDesign, jobs: list[Job], engine: EngineConfig | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run the cells' ``jobs`` on ``engine``; this process alone merges each finished cell's
+    records into ``study/results.json`` (under its lock) and then removes the cell's folder.
+
+    Raises:
+        RuntimeError: naming every cell that failed (after its retries) and its error, once the
+            other cells are done and saved.
+    """
+    path = run.run_dir / "study" / "results.json"
+
+    def save(job: Job, records: list[dict[str, Any]]) -> None:
+        add_records(path, records, design)
+        for n, seed in {(r["n_real"], r["seed"]) for r in records}:
+            shutil.rmtree(cell_folder(run, n, seed), ignore_errors=True)
+
+    failed = run_jobs(jobs, engine or EngineConfig(), save, shared_dir=run.run_dir, desc="study cells", progress=progress)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} study cell(s) failed (the others are saved; run again "
+                           "to retry them): " + "; ".join(f"{name}: {err}" for name, err in failed.items()))
+    return load_records(path, design)
+
+
+def run_study(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
+              vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
+              generator_samples: int | None = None, device: str = "cpu", engine: EngineConfig | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell of the design not yet recorded (``run`` from :func:`design_run`) on
+    ``engine`` (:mod:`lib.engine`: default Ray on this machine or ``$RAY_ADDRESS``'s cluster); returns all
+    records of ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`.
+    ``generator_samples``: slices each cell's generators (image generator and VAE) see in
+    training, so a cell of 1 patient trains them as many steps as a cell of 20 (None: the
+    configs' epochs). Raises ValueError for records of another design, RuntimeError naming the
+    cells that failed (for example on a generator checkpoint in a cell's folder that was
+    trained on other patients)."""
+    records = load_records(run.run_dir / "study" / "results.json", design)
+    jobs = cell_jobs(run, design, records, model_cfg=model_cfg, train_cfg=train_cfg, steps=steps,
+                     generator_cfg=generator_cfg, vae_cfg=vae_cfg, shape_cfg=shape_cfg,
+                     generator_samples=generator_samples, device=device, progress=progress)
+    return run_cells(run, design, jobs, engine, progress)
 
 
 def _fields(cond: Condition, n: int, seed: int) -> dict[str, Any]:
@@ -587,19 +650,37 @@ def study_workload(records: list[dict[str, Any]], steps: dict[int, dict[str, Any
 def grid_workload(design: StudyDesign, steps: dict[int, dict[str, Any]], generator_samples: int) -> dict[str, int]:
     """:func:`study_workload` of the whole grid, before it has run: what the design will train
     with the calibrated ``steps`` (each cell's generators see about ``generator_samples`` slices)."""
-    out = {"segmenter_epochs": sum(len(s["curve"]) for s in steps.values()), "latent_steps": 0, "conditions": 0,
-           "generator_slices": 0, "vae_slices": 0}
+    out = calibration_workload(steps)
     for n, _ in design.cells():
-        conditions = design.conditions(n)
-        out["conditions"] += len(conditions)
-        for c in conditions:
-            if c.strategy == "latent":
-                out["latent_steps"] += steps[n]["steps"]
-            else:
-                out["segmenter_epochs"] += steps[n]["epochs"]
-        out["generator_slices"] += generator_samples * any(c.synthetic for c in conditions)
-        out["vae_slices"] += generator_samples * any(c.strategy == "latent" for c in conditions)
+        for key, count in cell_workload(design, n, steps, generator_samples).items():
+            out[key] += count
     return out
+
+
+def calibration_workload(steps: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """The work of :func:`calibrate_steps`: run first, once, before any cell."""
+    return {"segmenter_epochs": sum(len(s["curve"]) for s in steps.values()), "latent_steps": 0, "conditions": 0,
+            "generator_slices": 0, "vae_slices": 0}
+
+
+def cell_workload(design: StudyDesign, n: int, steps: dict[int, dict[str, Any]], generator_samples: int
+                  ) -> dict[str, int]:
+    """The work of one cell with ``n`` real patients (the unit of the engine's jobs)."""
+    conditions = design.conditions(n)
+    latent = [c for c in conditions if c.strategy == "latent"]
+    return {"segmenter_epochs": steps[n]["epochs"] * (len(conditions) - len(latent)),
+            "latent_steps": steps[n]["steps"] * len(latent), "conditions": len(conditions),
+            "generator_slices": generator_samples * any(c.synthetic for c in conditions),
+            "vae_slices": generator_samples * bool(latent)}
+
+
+def makespan(durations: list[float], workers: int) -> float:
+    """Wall-clock of independent jobs of ``durations`` on ``workers`` equal workers, longest job
+    first to the first free worker (how the engine's queue fills a cluster)."""
+    free = [0.0] * max(1, workers)
+    for d in sorted(durations, reverse=True):
+        free[free.index(min(free))] += d
+    return max(free)
 
 
 def write_summary(study_dir: Path, design: StudyDesign, conclusions: pd.DataFrame,
@@ -614,7 +695,11 @@ def write_summary(study_dir: Path, design: StudyDesign, conclusions: pd.DataFram
 
 def read_design(path: Path) -> StudyDesign:
     """The design saved by :func:`design_run` (``study/design.json``)."""
-    fields = read_json(path)
+    return design_from_dict(read_json(path))
+
+
+def design_from_dict(fields: dict[str, Any]) -> StudyDesign:
+    """A design from its JSON fields (its ``id`` is recomputed)."""
     return StudyDesign(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k != "id"})
 
 

@@ -1,3 +1,4 @@
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from lib import gan, segment, study
+from lib.engine import EngineConfig
 from lib.generative import TrainingCollapsed
 from lib.models import ModelConfig
 from lib.paths import PROJECT_ROOT
@@ -14,7 +16,7 @@ from lib.pipeline import prepare_run
 from lib.publish import publish_study
 from lib.train import TrainConfig
 from lib.vae import VAEConfig
-from tests.helpers import make_task
+from tests.helpers import exit_once, make_task
 
 SIZE = 32
 RECORD_KEYS = {"dataset", "generator", "shapes", "filtered", "strategy", "n_real", "ratio", "seed", "train_patients",
@@ -36,6 +38,7 @@ def small_configs():
 
 MODEL = ModelConfig(arch="unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
 TRAIN = TrainConfig(samples_per_epoch=16, batch_size=8, augment=None, device="cpu", patience=None)
+SERIAL = EngineConfig("serial", num_cpus=1, max_retries=0)  # one thread, as each Ray worker below
 
 
 def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
@@ -79,13 +82,15 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     other = srun.slices("train")
     other = other.subset(np.flatnonzero(other.case_ids != design.subset(1, 0)[0]))
     gan.train_gan(other.images.astype(np.float32), other.masks, gen_cfg, out_dir=cell / "spade_gan", progress=False)
-    with pytest.raises(ValueError, match="other images/masks"):
-        study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False)
+    with pytest.raises(RuntimeError, match="1 of 1 study cell.*cell n=1 seed=0: ValueError.*other images/masks"):
+        study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False, engine=SERIAL)
     shutil.rmtree(cell / "spade_gan")
-    first = json.loads((run.run_dir / "study" / "results.json").read_text())
-    assert [r["strategy"] for r in first] == ["real"]  # scored before the generator was needed, and kept
+    assert not (run.run_dir / "study" / "results.json").exists()  # the driver writes a cell's records at its end
+    assert (cell / "seg" / "real_r0_None_u" / "fit.json").is_file()  # what the cell finished is kept for the retry
+    capsys.readouterr()
 
-    samples = first[0]["n_real_slices"] + 1  # the generators of a cell see this many slices: 2 epochs
+    # the generators of a cell see this many slices: 2 epochs
+    samples = len(study._patients(srun.slices("train"), design.subset(1, 0))) + 1
 
     def discriminator_wins(self, row, history):  # a GAN that collapses in its 2nd epoch: the 1st is used
         if row["epoch"] == 2:
@@ -93,9 +98,11 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
 
     with monkeypatch.context() as m:
         m.setattr(gan.SPADEGAN, "check_epoch", discriminator_wins)
-        records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples)
-    assert "study cells" in capsys.readouterr().err  # a progress bar over the grid
-    assert records[0] == first[0]
+        records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples,
+                                  engine=SERIAL)
+    out = capsys.readouterr()
+    assert "study cells" in out.err  # a progress bar over the grid, a line per condition
+    assert "already finished" in out.out and "cell n=1 seed=0: real + spade_gan x2, test Dice" in out.out
     labels = sorted(study.setting_label(r) for r in records)
     assert labels == sorted(["real only", "real + spade_gan x1", "spade_gan pre-training, real fine-tuning",
                              "spade_gan only", "VAE latent segmenter", "real + spade_gan x0.5", "real + spade_gan x2",
@@ -109,7 +116,8 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
             assert r["generator_stopped"] == "spade_gan: the discriminator wins"
     mix2 = next(r for r in records if r["strategy"] == "mix" and r["ratio"] == 2.0)
     assert mix2["n_synthetic_slices"] == 2 * mix2["n_real_slices"]
-    kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("*") if p.is_file())
+    kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("[!.]*")
+                  if p.is_file())
     assert kept == ["design.json", "results.json", "steps.json"]  # records only: no checkpoints or samples
 
     published = publish_study(run.run_dir, "demo", results_root=tmp_path / "results")
@@ -118,7 +126,8 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     assert "9 of 9 conditions done: complete" in (published / "README.md").read_text()
 
     monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
-    assert study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False) == records
+    assert study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False,
+                           engine=SERIAL) == records
     assert study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False) == steps
 
     other_design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], seed=1)
@@ -188,3 +197,65 @@ def test_the_demo_study_trains_real_only_to_a_dice_that_means_something(tmp_path
     records = study.run_study(srun, design, model_cfg, cfg, steps, gen_cfg, vae_cfg, progress=False)
     assert [r["strategy"] for r in records] == ["real"] * sum(p["study_seeds"][:1])
     assert records[0]["mean_dice"] >= 0.5
+
+
+def _rec(design, seed):
+    return {"strategy": "real", "shapes": None, "filtered": None, "ratio": 0.0, "n_real": 1, "seed": seed,
+            "design": design.id}
+
+
+def test_records_are_merged_under_a_lock_never_duplicated_and_of_one_design(run, tmp_path):
+    design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3])
+    path = tmp_path / "results.json"
+    study.add_records(path, [_rec(design, 0)], design)
+    # another writer (a second process) appended meanwhile: its record is kept
+    path.write_text(json.dumps(json.loads(path.read_text()) + [_rec(design, 1)]))
+    records = study.add_records(path, [_rec(design, 2), _rec(design, 0)], design)
+    assert sorted(r["seed"] for r in records) == [0, 1, 2]
+    other = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3], seed=1)
+    with pytest.raises(ValueError, match="records of study design"):
+        study.add_records(path, [_rec(other, 5)], other)
+    assert len(json.loads(path.read_text())) == 3
+
+
+def test_the_grid_on_ray_gives_the_serial_records_survives_a_killed_worker_and_resumes(run, tmp_path):
+    pytest.importorskip("ray")
+    design = study.make_design(run, n_test=2, n_val=1, n_real=[2], seeds=[2], strategies=["real", "mix"],
+                               filter_threshold=0.0)
+    gen_cfg, vae_cfg = small_configs()
+    args = {"model_cfg": MODEL, "train_cfg": TRAIN, "generator_cfg": gen_cfg, "vae_cfg": vae_cfg,
+            "progress": False}
+    runs = {}
+    for name in ("serial", "ray"):
+        srun = study.design_run(replace(run, run_dir=tmp_path / name), design)
+        steps = study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=2, progress=False)
+        jobs = study.cell_jobs(srun, design, [], steps=steps, **args)
+        assert [j.name for j in jobs] == ["cell n=2 seed=0", "cell n=2 seed=1"]
+        if name == "ray":  # the first cell's worker dies on its first try
+            jobs[0] = replace(jobs[0], fn=exit_once, kwargs={"marker": str(tmp_path / "died"),
+                                                             "fn": functools.partial(jobs[0].fn, **jobs[0].kwargs)})
+        engine = SERIAL if name == "serial" else EngineConfig("ray", num_cpus=1, max_retries=1)
+        runs[name] = (srun, steps, study.run_cells(srun, design, jobs, engine, progress=False))
+    (srun, steps, by_ray), by_serial = runs["ray"], runs["serial"][2]
+    assert (tmp_path / "died").exists() and len(by_ray) == 4
+    key = lambda r: (r["seed"], r["strategy"])  # noqa: E731
+    assert sorted(map(key, by_ray)) == sorted(map(key, by_serial)) == [(0, "mix"), (0, "real"), (1, "mix"),
+                                                                      (1, "real")]
+    for a, b in zip(sorted(by_ray, key=key), sorted(by_serial, key=key)):
+        assert a["train_patients"] == b["train_patients"] and a["test_dice"].keys() == b["test_dice"].keys()
+        assert a["mean_dice"] == pytest.approx(b["mean_dice"], abs=1e-5)
+    assert not (srun.run_dir / "study" / "work").exists() or not any((srun.run_dir / "study" / "work").iterdir())
+
+    # the driver died before it saved the second cell: a re-run submits that cell alone, nothing twice
+    path = srun.run_dir / "study" / "results.json"
+    path.write_text(json.dumps([r for r in by_ray if r["seed"] == 0]))
+    jobs = study.cell_jobs(srun, design, study.load_records(path, design), steps=steps, **args)
+    assert [j.name for j in jobs] == ["cell n=2 seed=1"]
+    again = study.run_cells(srun, design, jobs, EngineConfig("ray", num_cpus=1), progress=False)
+    assert sorted(map(key, again)) == sorted(map(key, by_ray))
+
+
+def test_makespan_fills_workers_longest_job_first():
+    assert study.makespan([3, 2, 4, 3], 2) == 6  # 4+2 | 3+3
+    assert study.makespan([5, 1, 1], 4) == 5 and study.makespan([1.0] * 8, 1) == 8
+    assert study.makespan([2.0] * 4, 3) == 4
