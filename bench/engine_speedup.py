@@ -30,7 +30,7 @@ from lib import gan, segment, study, study_spec, vae  # noqa: E402
 from lib.atomic import write_json  # noqa: E402
 from lib.cross_validation import fold_jobs, run_folds  # noqa: E402
 from lib.engine import EngineConfig  # noqa: E402
-from lib.env import hardware  # noqa: E402
+from lib.env import git_sha, hardware  # noqa: E402
 from lib.paths import PROJECT_ROOT  # noqa: E402
 from lib.pipeline import prepare_run  # noqa: E402
 from lib.shapes import ShapeModelConfig  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/engine_speedup_cpu_2cores_fp32.json"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    report = {"hardware": hardware(), "cores": cores, "precision": "fp32" if os.environ.get("MSDSEG_AMP") == "0"
+    report = {"hardware": hardware(), "cores": cores, "commit": git_sha(), "precision": "fp32" if os.environ.get("MSDSEG_AMP") == "0"
               else "autocast where the hardware has it (MSDSEG_AMP unset)",
               "command": "python bench/engine_speedup.py " + " ".join(sys.argv[1:]), "cv_arguments": CV_ARGS}
     if args.only != "cv":
