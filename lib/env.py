@@ -27,16 +27,19 @@ _NATIVE_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for ``device``, or None where fp32 is faster.
 
-    bf16 on CUDA GPUs that support it and on CPUs with native bf16 instructions
-    (AVX512-BF16 or AMX, where oneDNN runs bf16 convolutions about twice as fast as
-    fp32); fp16 on older GPUs; None on other CPUs, where bf16 would be emulated. The
+    On CUDA by compute capability, not by what torch can emulate: bf16 where the GPU has it
+    natively (8.0 and newer: A100, L4, RTX 30xx/40xx, H100), fp16 with a gradient scaler on
+    older GPUs with fast fp16 (6.0-7.5: P100, V100, the T4 of free Colab; emulated bf16 there
+    is slow), fp32 below. On CPUs bf16 only with native bf16 instructions (AVX512-BF16 or AMX,
+    where oneDNN runs bf16 convolutions about twice as fast as fp32), else None. The
     environment variable ``MSDSEG_AMP=0`` forces fp32 everywhere (to measure what a CPU
     without native bf16 does, or to rule out precision as a cause).
     """
     if os.environ.get("MSDSEG_AMP", "1") == "0":
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16 if major >= 6 else None
     if device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_BF16_PROBES):
         return torch.bfloat16
     return None
@@ -48,9 +51,11 @@ def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
 
 
-def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
-    """A GradScaler, enabled only for fp16 autocast (GPUs without bf16)."""
-    return torch.amp.GradScaler("cuda", enabled=enabled and amp_dtype(device) == torch.float16)
+def grad_scaler(device: torch.device, enabled: bool = True, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 autocast: it scales the loss so small fp16 gradients
+    do not vanish, and skips (and halves the scale for) a step whose gradients overflowed."""
+    return torch.amp.GradScaler(device.type, init_scale=init_scale,
+                                enabled=enabled and amp_dtype(device) == torch.float16)
 
 
 def seed_everything(seed: int) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+UNCAPPED_EPOCHS = 100_000  # epochs when an explicit time budget decides
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A fresh clone on a laptop: every notebook in minutes, numbers only show that it works.
     "demo": {"image_size": 64, "context_slices": 0, "spacing": False, "roi": False, "roi_minutes": 0.0,
@@ -35,11 +37,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 def fill(preset: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """The preset's value of every parameter in ``params`` that is None (not given).
 
-    Names the preset does not set, and parameters given a value, are left alone.
+    Names the preset does not set, and parameters given a value, are left alone. A
+    ``time_budget_min`` given explicitly lifts the preset's ``epochs`` (unless ``epochs`` is
+    given too), so the budget the user asked for is what stops training (or early stopping
+    with ``patience``; the training log says which).
 
     Raises:
         ValueError: an unknown preset name.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return {name: value for name, value in PRESETS[preset].items() if name in params and params[name] is None}
+    filled = {name: value for name, value in PRESETS[preset].items() if name in params and params[name] is None}
+    if params.get("time_budget_min") is not None and "epochs" in filled:
+        filled["epochs"] = UNCAPPED_EPOCHS  # a budget given explicitly is spent: the preset's epoch cap is lifted
+    return filled

@@ -21,3 +21,11 @@ def test_presets_differ_where_they_should():
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown preset 'laptop'.*cpu"):
         fill("laptop", {"image_size": None})
+
+
+def test_an_explicit_time_budget_lifts_the_presets_epoch_cap():
+    params = {"epochs": None, "time_budget_min": 5.0, "patience": None}
+    filled = fill("demo", params)
+    assert filled["epochs"] > 1000 and "time_budget_min" not in filled  # the user's 5 minutes decide
+    assert fill("demo", {"epochs": None, "time_budget_min": None})["epochs"] == PRESETS["demo"]["epochs"]
+    assert fill("demo", {"epochs": 3, "time_budget_min": 5.0}) == {}  # both given: both kept
