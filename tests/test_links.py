@@ -1,5 +1,7 @@
-"""Every relative link in README.md and diary.md resolves to a file committed to the repository."""
+"""Every relative link in README.md, diary.md and docs/*.md resolves to a file of the repository, and
+README.md stays a short guide with its sections in order."""
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -10,6 +12,20 @@ import pytest
 from lib.paths import PROJECT_ROOT
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<img[^>]+src=\"([^\"]+)\"")
+DOCS = ["README.md", "diary.md"] + sorted(p.relative_to(PROJECT_ROOT).as_posix()
+                                          for p in (PROJECT_ROOT / "docs").glob("*.md"))
+README_MAX_BYTES = 12_000
+README_SECTIONS = [  # level-2 headings of README.md, in this order (others may sit between them)
+    "The notebooks",
+    "Results at a glance",
+    "The two commands",
+    "Running on your own data",
+    "Presets",
+    "Predicting new scans",
+    "Google Colab",
+    "The synthetic-data study",
+    "Where things are",
+]
 
 
 def relative_links(text: str) -> list[str]:
@@ -18,11 +34,19 @@ def relative_links(text: str) -> list[str]:
     return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:|^#|^mailto:", t)]
 
 
-def committed_files() -> set[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+def repository_files() -> set[str]:
+    """Committed files, and new files that are not git-ignored (so they will be committed with the
+    docs that link to them); ignored outputs such as runs/ and data/ do not count."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True)
     if out.returncode:
         pytest.skip("not a git checkout")
     return set(out.stdout.splitlines())
+
+
+def resolve(doc: str, target: str) -> str:
+    """A link target as a path from the repository root (links are relative to their document)."""
+    return os.path.normpath(Path(doc).parent / unquote(target.split("#")[0])).replace(os.sep, "/")
 
 
 def test_link_parser_finds_relative_targets():
@@ -30,13 +54,34 @@ def test_link_parser_finds_relative_targets():
     assert relative_links(text) == ["results/x.md", "results/y.png", "results/z.gif"]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "diary.md"])
-def test_relative_links_resolve_to_committed_files(doc):
-    files = committed_files()
-    folders = {str(Path(f).parent) for f in files} | {str(p) for f in files for p in Path(f).parents}
+def test_links_resolve_relative_to_their_document():
+    assert resolve("docs/results.md", "../results/x/README.md#a") == "results/x/README.md"
+    assert resolve("README.md", "docs/study.md#on-a-cluster") == "docs/study.md"
+    assert resolve("docs/data.md", "../results/") == "results"
+
+
+def test_docs_pages_are_checked():
+    assert "docs/results.md" in DOCS and "docs/study.md" in DOCS
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_resolve_to_repository_files(doc):
+    files = repository_files()
+    folders = {str(p) for f in files for p in Path(f).parents}
     broken = []
     for target in relative_links((PROJECT_ROOT / doc).read_text(encoding="utf-8")):
-        path = str(Path(unquote(target.split("#")[0])))
+        path = resolve(doc, target)
         if path not in files and path.rstrip("/") not in folders:
             broken.append(target)
-    assert not broken, f"{doc} links to files that are not committed: {broken}"
+    assert not broken, f"{doc} links to files that are not in the repository: {broken}"
+
+
+def test_readme_is_a_short_guide_with_its_sections_in_order():
+    readme = (PROJECT_ROOT / "README.md").read_bytes()
+    assert len(readme) < README_MAX_BYTES, f"README.md is {len(readme)} bytes; move detail to docs/"
+    headings = re.findall(r"^## (.+?)\s*$", readme.decode("utf-8"), flags=re.M)
+    missing = [s for s in README_SECTIONS if s not in headings]
+    assert not missing, f"README.md lacks the sections {missing}"
+    order = [headings.index(s) for s in README_SECTIONS]
+    assert order == sorted(order), f"README.md sections out of order: {headings}"
+    assert "### On a cluster" in readme.decode("utf-8")
