@@ -7,13 +7,20 @@ notebooks share their code, the Colab cell, and one papermill run with injected 
 
 import ast
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import nbformat
 import papermill as pm
 import pytest
+import tomllib
 
+from lib import paths
 from lib.paths import PROJECT_ROOT
 
 NB_DIR = PROJECT_ROOT / "notebooks"
@@ -111,15 +118,58 @@ def test_colab_cell_is_the_same_everywhere_and_plain_python():
     ast.parse(sources.pop())  # no IPython-only syntax: the same code runs anywhere
 
 
-def test_colab_cell_explains_a_missing_or_failing_repository(monkeypatch, tmp_path):
-    source = colab_cell("01_data_analysis").replace("/content/msd-synth-seg", str(tmp_path / "clone"))
-    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    monkeypatch.delenv("MSDSEG_REPO_URL", raising=False)
-    with pytest.raises(RuntimeError, match="set REPO_URL"):
-        exec(source, {})
-    monkeypatch.setenv("MSDSEG_REPO_URL", str(tmp_path / "no-such-repo"))
-    with pytest.raises(RuntimeError, match="git clone .*no-such-repo failed"):
-        exec(source, {})
+def _bare_repository(tmp_path: Path) -> Path:
+    """A local stand-in for the GitHub repository: the project's pyproject.toml and notebooks/."""
+    work, bare = tmp_path / "work", tmp_path / "origin.git"
+    (work / "notebooks").mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", work / "pyproject.toml")
+    (work / "notebooks" / "README.md").write_text("notebooks\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "stand-in"]):
+        subprocess.run([*git, *args], cwd=work, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    return bare
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_setup_cell_needs_no_edit_keeps_colabs_kernel_and_uses_drive(name, monkeypatch, tmp_path):
+    source = colab_cell(name)
+    repo = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert f'REPO_URL = "{repo}"  #@param' in source and "YOUR-ACCOUNT" not in source  # a form field, filled in
+    assert subprocess.run([sys.executable, str(PROJECT_ROOT / "tools" / "set_repository.py"), "--check"]).returncode == 0
+    # the user ticks DRIVE in the form; the repository is a local bare one, /content lives in tmp_path
+    source = (source.replace(f'"{repo}"', f'"{_bare_repository(tmp_path)}"').replace("DRIVE = False", "DRIVE = True")
+              .replace("/content", str(tmp_path / "content")))
+    colab, drive, mounted, calls = types.ModuleType("google.colab"), types.ModuleType("drive"), [], []
+    drive.mount = mounted.append
+    colab.drive = drive
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+    for var in ("MSDSEG_HOME", "MSDSEG_RUN_DIR", "MSDSEG_DATA_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    run = subprocess.run
+
+    def record(args, *a, **k):
+        calls.append(list(args))
+        return run(args, *a, **k) if args[0] == "git" else subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setattr(subprocess, "run", record)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(source, {})
+    clone = tmp_path / "content" / "msd-synth-seg"
+    assert mounted == [str(tmp_path / "content" / "drive")] and Path.cwd() == clone / "notebooks"
+    home = tmp_path / "content" / "drive" / "MyDrive" / "msd-synth-seg"
+    assert os.environ["MSDSEG_HOME"] == str(home) and paths.run_dir().parent.parent == home  # runs on Drive
+    assert paths.data_root() == home / "data"
+    pip = [c for c in calls if c[:3] == [sys.executable, "-m", "pip"]]
+    assert pip == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)]]  # no upgrade of anything
+    deps = tomllib.loads((clone / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in deps if re.match(r"(ipykernel|ipywidgets|jupyter|notebook|ipython)\b", d)]
+    monkeypatch.setattr(subprocess, "run", run)
+    shutil.rmtree(clone)
+    with pytest.raises(RuntimeError, match="git clone .*no-such-repo failed.*REPO_URL"):
+        exec(source.replace(str(tmp_path / "origin.git"), str(tmp_path / "no-such-repo")), {})
     del sys.modules["google.colab"]
     exec(source, {})  # outside Colab: does nothing
 
