@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, NoiseSchedules
 from torch import nn
+from tqdm.auto import tqdm
 
 from lib.env import autocast
 from lib.generative import (
@@ -296,8 +297,9 @@ def _set_trailing_timesteps(scheduler: DDIMScheduler, steps: int) -> None:
 
 
 @torch.no_grad()
-def _ddim(model: MaskDDPM, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from noise ``x``; returns the last clipped x0 estimate (model space)."""
+def _ddim(model: MaskDDPM, cond: torch.Tensor, x: torch.Tensor, bar: tqdm | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from noise ``x``; returns the last clipped x0 estimate (model space).
+    ``bar`` advances by one per denoising step."""
     scheduler = model.scheduler
     _set_trailing_timesteps(scheduler, model.cfg.sample_steps)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(x.device)  # a plain attribute: .to() does not move it
@@ -306,13 +308,15 @@ def _ddim(model: MaskDDPM, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with autocast(x.device):
             v = model(x, torch.full((len(x),), t, device=x.device), cond).float()
         x, x0 = scheduler.step(v, t, x)
+        if bar is not None:
+            bar.update()
     return x0
 
 
 def generate_images(model: MaskDDPM, masks: np.ndarray, *, seed: int = 0, device: str | torch.device = "cpu",
-                    batch_size: int = 64) -> np.ndarray:
+                    batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Images for given masks by DDIM sampling (noise drawn on the CPU, so seeds agree
-    across devices and batch sizes).
+    across devices and batch sizes); ``progress``: a bar over the denoising steps of all batches.
 
     Args:
         masks: uint8 (n, H, W) class ids.
@@ -331,15 +335,18 @@ def generate_images(model: MaskDDPM, masks: np.ndarray, *, seed: int = 0, device
     model.to(device).eval()
     noise = torch.randn((len(masks), c, s, s), generator=torch.Generator().manual_seed(seed))
     out = [np.zeros((0, c, s, s), np.float32)]
-    for start in range(0, len(masks), batch_size):
-        m = torch.from_numpy(np.ascontiguousarray(masks[start:start + batch_size])).to(device)
-        x0 = _ddim(model, one_hot(m, cfg.num_classes), noise[start:start + batch_size].to(device))
-        out.append(model.scaling.inverse(x0).cpu().numpy())
+    starts = range(0, len(masks), batch_size)
+    with tqdm(total=len(starts) * cfg.sample_steps, desc=f"DDIM sampling, {len(masks)} images", unit="step",
+              disable=not progress, mininterval=5) as bar:
+        for start in starts:
+            m = torch.from_numpy(np.ascontiguousarray(masks[start:start + batch_size])).to(device)
+            x0 = _ddim(model, one_hot(m, cfg.num_classes), noise[start:start + batch_size].to(device), bar)
+            out.append(model.scaling.inverse(x0).cpu().numpy())
     return np.concatenate(out)
 
 
 def sample_pairs(model: MaskDDPM, n: int, *, seed: int = 0, device: str | torch.device = "cpu",
-                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """New (image, mask) pairs: masks from the mask source, images generated for them.
 
     Returns:
@@ -347,5 +354,6 @@ def sample_pairs(model: MaskDDPM, n: int, *, seed: int = 0, device: str | torch.
     """
     mask_seed, image_seed = np.random.SeedSequence(seed).generate_state(2)
     masks = sample_masks(model, n, seed=int(mask_seed))
-    images = generate_images(model, masks, seed=int(image_seed), device=device, batch_size=batch_size)
+    images = generate_images(model, masks, seed=int(image_seed), device=device, batch_size=batch_size,
+                             progress=progress)
     return images, masks

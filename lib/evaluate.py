@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lib.atomic import read_json, write_json, write_with
 from lib.inference import patient_probs, probs_to_original, save_prediction
@@ -51,8 +52,10 @@ def evaluate(
     pieces: dict[int, float] | None = None,
     swap: list[tuple[int, int]] | None = None,
     extra: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``.
+    """Evaluate ``model`` on every patient of ``test`` and write the results to ``out_dir``
+    (``progress``: a bar over the patients).
 
     Args:
         test: test slices with their patients' geometry.
@@ -75,7 +78,8 @@ def evaluate(
     chosen = _variant(tta, largest_component)
     cases: dict[str, dict[str, Any]] = {}
     variants: dict[str, dict[str, dict[str, float]]] = {name: {} for name in VARIANTS}
-    for cid, meta in test.cases.items():
+    for cid, meta in tqdm(test.cases.items(), desc="evaluating test patients", unit="patient",
+                          disable=not progress or len(test.cases) < 2):
         sl = test.patient(cid)
         truth = read_label(meta.label_path)
         t0 = time.perf_counter()

@@ -117,6 +117,17 @@ def test_generated_images_follow_mask(trained, data):
     assert fg > bg + 1.0
 
 
+def test_sampling_shows_one_bar_over_every_denoising_step(trained, data, capsys):
+    model = trained[0]
+    quiet = generate_images(model, data[1][:3], seed=0, batch_size=2)
+    assert "DDIM sampling" not in capsys.readouterr().err
+    shown = generate_images(model, data[1][:3], seed=0, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    steps = 2 * model.cfg.sample_steps  # two batches
+    assert "DDIM sampling, 3 images" in err and f"{steps}/{steps}" in err
+    np.testing.assert_allclose(quiet, shown, atol=1e-6)
+
+
 def test_reload_gives_identical_samples(trained):
     model, history, path = trained
     loaded, cfg, hist = load_diffusion(path)

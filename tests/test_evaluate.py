@@ -81,9 +81,10 @@ def test_resampled_canvas_maps_back_to_the_original_grid(shape, spacing, canvas)
     assert dice(back, label, 1) > 0.9
 
 
-def test_evaluate_writes_scores_and_nifti(test_set, tmp_path):
+def test_evaluate_writes_scores_and_nifti(test_set, tmp_path, capsys):
     model = Oracle(test_set.images, test_set.masks)
     result = evaluate(model, test_set, [1], tmp_path, extra={"model": "oracle"})
+    assert "evaluating test patients: 100%" in capsys.readouterr().err  # a bar over the patients
     assert set(result["cases"]) == {"p00", "p01"} and result["model"] == "oracle"
     case = result["cases"]["p00"]
     assert {"dice", "iou", "hd95", "pred_volume_ml", "true_volume_ml", "dice_train_res", "per_slice_dice",
