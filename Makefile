@@ -28,7 +28,7 @@ run: venv
 		$(PY) -m papermill --cwd notebooks -k python3 notebooks/$$nb.ipynb $(RUN)/notebooks/$$nb.ipynb \
 			-p data "$(DATA)" -p run_dir "$(abspath $(RUN))" -p preset $(PRESET) $(if $(IMAGE_SIZE),-p image_size $(IMAGE_SIZE)) $(PARAMS) || exit 1; \
 	done
-	@echo "Executed notebooks, figures, checkpoints and metrics are in $(RUN)/; diary entries in diary.md"
+	@echo "Executed notebooks, figures, checkpoints and metrics are in $(RUN)/; automatic records of each notebook in $(RUN)/run_log.md"
 
 ## Whole test suite: unit tests, notebooks under nbval, one papermill run.
 test: venv

@@ -1,32 +1,44 @@
-"""The research diary: every notebook run appends one compact, dated entry to diary.md.
+"""The run log: every notebook run appends one compact, dated entry to its run folder's
+``run_log.md``.
 
 An automatic entry names the notebook, the data and split, the settings and hardware,
-the headline results and the run folder that holds the full record (metrics.json,
-history.json, figures). Values are written as plain text, never as JSON blobs; the
-hand-written entries of diary.md interpret them.
+the headline results and the folder that holds the full record (metrics.json,
+history.json, figures). Values are written as plain text, never as JSON blobs.
+``tools/publish_results.py`` copies the run log to ``results/<dataset>/run_log.md``; the
+research diary, diary.md, holds written entries only and interprets these records.
 
 Entries are appended atomically (read, add, write a temporary file, rename) under a
-file lock, so a crash never truncates the diary and two runs never interleave.
+file lock, so a crash never truncates the log and two runs never interleave.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lib.atomic import locked, write_text
-from lib.paths import PROJECT_ROOT, relative_paths
+from lib.paths import relative_paths
 
-HEADER = ("# Research diary\n\nDated entries, oldest first. Automatic entries are written by "
-          "`lib.diary.append_entry` at the end of each notebook run.\n")
+RUN_LOG = "run_log.md"
+HEADER = ("# Run log\n\nThe automatic records of the notebook runs in this folder, oldest first, "
+          "written by `lib.diary.append_entry` at the end of each notebook run. The research diary "
+          "(diary.md) interprets them.\n")
 
 
-def diary_path(path: str | Path | None = None) -> Path:
-    """The diary file: ``path``, else ``$MSDSEG_DIARY``, else ``<project>/diary.md``."""
-    return Path(path or os.environ.get("MSDSEG_DIARY") or PROJECT_ROOT / "diary.md")
+def run_folder(record: str | Path) -> Path:
+    """The run folder that holds ``record``: the nearest of ``record`` and the folders above it
+    with a ``run.json`` (written by :func:`lib.pipeline.prepare_run`).
+
+    Raises:
+        ValueError: no such folder.
+    """
+    path = Path(record).resolve()
+    for folder in (path, *path.parents):
+        if (folder / "run.json").is_file():
+            return folder
+    raise ValueError(f"{record}: not inside a run folder (no run.json above it); pass run_dir")
 
 
 def format_value(value: Any) -> str:
@@ -63,7 +75,7 @@ def format_entry(
     Args:
         setup: split, seed, settings and hardware, as ``{name: value}``.
         results: the headline numbers, as ``{name: value}``.
-        record: the run folder (or file) holding the full record.
+        record: the run folder (or a folder or file in it) holding the full record.
     """
     when = when or dt.datetime.now().astimezone()
     lines = [
@@ -80,13 +92,24 @@ def format_entry(
     return relative_paths("\n".join(lines) + "\n")
 
 
-def append_entry(title: str, *, path: str | Path | None = None, **fields: Any) -> Path:
-    """Append an entry (see :func:`format_entry` for the fields) to the diary.
+def append_entry(title: str, *, run_dir: str | Path | None = None, **fields: Any) -> Path:
+    """Append an entry (see :func:`format_entry` for the fields) to ``<run_dir>/run_log.md``.
+
+    Args:
+        run_dir: the run folder; default: the one holding ``fields["record"]``
+            (:func:`run_folder`).
 
     Returns:
-        The diary's path.
+        The run log's path.
+
+    Raises:
+        ValueError: no ``run_dir`` and no ``record`` inside a run folder.
     """
-    target = diary_path(path)
+    if run_dir is None:
+        if fields.get("record") is None:
+            raise ValueError("append_entry needs run_dir or a record inside a run folder")
+        run_dir = run_folder(fields["record"])
+    target = Path(run_dir) / RUN_LOG
     entry = format_entry(title, **fields)
     with locked(target):
         old = target.read_text(encoding="utf-8") if target.exists() else HEADER

@@ -1,4 +1,4 @@
-"""Where data, runs and the diary live.
+"""Where data and run folders live.
 
 Relative paths are taken from the project root, so notebooks (run from notebooks/)
 and scripts (run from the root) agree. Environment variables override the defaults:
@@ -50,5 +50,5 @@ def run_dir(path: str | Path | None = None) -> Path:
 
 def relative_paths(text: str) -> str:
     """``text`` with the absolute paths of the project (and of ``../shared`` beside it) made
-    relative, for what is published or written to the diary."""
+    relative, for what is published or written to a run log."""
     return text.replace(f"{PROJECT_ROOT.parent}/shared/", "../shared/").replace(f"{PROJECT_ROOT}/", "")

@@ -1,5 +1,5 @@
 """Publish a run folder for readers: ``results/<dataset>/`` with the executed notebooks, the
-key figures, the machine-readable results and an index page, small enough for GitHub.
+key figures, the machine-readable results, the run log and an index page, small enough for GitHub.
 
 Only what a reader needs is copied: no checkpoints, caches or predictions. Every file is
 written atomically, so publishing into an existing folder updates it file by file and an
@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from lib.atomic import read_json, write_text, write_with
+from lib.diary import RUN_LOG
 from lib.paths import PROJECT_ROOT, relative_paths
 
 RESULTS_ROOT = PROJECT_ROOT / "results"
@@ -149,6 +150,10 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
     for path in _matches(run_dir, RECORDS):
         written.append(write_text(out / published_path(path.relative_to(run_dir)),
                                   relative_paths(path.read_text(encoding="utf-8"))))
+    log = run_dir / RUN_LOG  # the automatic entries of lib.diary
+    if log.is_file():
+        written.append(write_text(out / RUN_LOG, merged_run_log(out / RUN_LOG, relative_paths(log.read_text(
+            encoding="utf-8")))))
     written.append(write_text(out / "README.md", index_page(run_dir, out, dataset, command)))
     _check_sizes(out, written)
     refresh_parent_index(out, results_root)
@@ -314,8 +319,24 @@ def _check_sizes(out: Path, written: list[Path]) -> None:
                          f"in all; now {total / 2**20:.1f} MB): {', '.join(big) or 'too many files'}")
 
 
+RUN_LOG_LINE = f"[Run log]({RUN_LOG}): what each notebook run recorded."
+
+
+def merged_run_log(published: Path, new: str) -> str:
+    """The published run log with the entries of ``new`` it does not hold yet appended (an entry:
+    a ``## `` heading and what follows), so republishing never drops earlier runs' records."""
+    if not published.is_file():
+        return new
+    old = published.read_text(encoding="utf-8")
+    have = {line for line in old.splitlines() if line.startswith("## ")}
+    entries = ["## " + part for part in new.split("\n## ")[1:]]
+    added = [e for e in entries if e.splitlines()[0] not in have]
+    return old.rstrip("\n") + "".join("\n\n" + e.rstrip("\n") for e in added) + "\n"
+
+
 def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = None) -> str:
-    """The results folder's README.md: how it was made, headline tables, links to everything."""
+    """The results folder's README.md: how it was made, headline tables, links to everything
+    (the run log among them)."""
     from lib.evaluate import class_table
     from lib.segment import (  # the segmentation workflow is the reader here
         comparison_table,
@@ -326,6 +347,8 @@ def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = Non
     lines = [f"# Results: {dataset}", "",
              f"Published by `python tools/publish_results.py {relative_paths(str(run_dir.resolve()))}` from a real run "
              "folder. Checkpoints, caches and predictions stay in the run folder and are not published.", ""]
+    if (out / RUN_LOG).is_file():
+        lines += [RUN_LOG_LINE, ""]
     if command:
         lines += ["The run was made by:", "", "```bash", relative_paths(command), "```", ""]
     notebooks = sorted((out / "notebooks").glob("*.ipynb"))

@@ -135,11 +135,12 @@ class StudyDesign:
 
 def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: list[int],
                 generator: str = "spade_gan", strategies: list[str] = STRATEGIES, ratio: float = 1.0,
-                ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0
-                ) -> StudyDesign:
+                ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0,
+                ablations: bool = True) -> StudyDesign:
     """Hold out ``n_test`` test and ``n_val`` validation patients of the run's task (drawn by
     ``seed`` from all its patients); the rest is the training pool. ``strategies`` (real only
-    always among them) trims the grid; the ablations run at 1 real patient with "mix".
+    always among them) trims the grid; the ablations run at 1 real patient with "mix" (none
+    with ``ablations=False``, as the demo's short study).
 
     Raises:
         ValueError: a patient count the pool cannot supply, seeds not matching ``n_real``, a
@@ -167,7 +168,8 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
     return StudyDesign(run.task.name, tuple(sorted(test)), tuple(sorted(val)), tuple(sorted(pool)),
                        tuple(int(n) for n in n_real), tuple(int(k) for k in seeds), generator,
                        tuple(s for s in STRATEGIES if s in strategies), float(ratio),
-                       1 if 1 in n_real else None, tuple(float(r) for r in ablation_ratios), float(filter_threshold),
+                       1 if ablations and 1 in n_real else None, tuple(float(r) for r in ablation_ratios),
+                       float(filter_threshold),
                        seed)
 
 
@@ -306,18 +308,23 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
     records already written); returns their records. The conditions share the cell's real-only
     U-Net (the sample filter), image generator and shape model. Pure apart from the cell's own
     folder ``study/work/n<n>_s<seed>``, where finished trainings and generators are kept until
-    the caller has saved the records, so a cell that is interrupted and run again resumes."""
-    todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in done]
+    the caller has saved the records, so a cell that is interrupted and run again resumes: the
+    records of its finished conditions wait in ``records.json`` there, and each condition's
+    checkpoints are removed once it is scored (only real only's U-Net and the generators stay)."""
+    work = cell_folder(run, n, seed)
+    partial = work / "records.json"  # conditions an earlier try of this cell finished
+    records = [r for r in (read_json(partial) if partial.is_file() else []) if _key(r) not in done]
+    have = done | {_key(r) for r in records}
+    todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in have]
     if not todo:
-        return []
+        return records
     train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
     patients = design.subset(n, seed)
-    cell = _Cell(n, seed, _patients(train, patients), cell_folder(run, n, seed))
+    cell = _Cell(n, seed, _patients(train, patients), work)
     cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
     gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
     gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
-    records = []
     for cond in design.conditions(n):  # real only first: the filter uses its U-Net
         finished = cond not in todo
         if finished and (cond.strategy != "real" or not _filters(todo)):
@@ -333,10 +340,21 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
             "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
             "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
             "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
+        write_json(partial, records)
+        if cond.strategy != "real":  # keep only what the next conditions need: real only's U-Net, the generators
+            for folder in (cell.work / "seg").glob(f"{_condition_name(cond)}*"):
+                shutil.rmtree(folder, ignore_errors=True)
+            if cond.strategy == "latent":
+                shutil.rmtree(cell.work / "vae", ignore_errors=True)
         if progress:
             print(f"cell n={n} seed={seed}: {setting_label(records[-1])}, test Dice {records[-1]['mean_dice']:.3f} "
                   f"({records[-1]['train_seconds']:.0f} s)", flush=True)
     return records
+
+
+def _condition_name(cond: Condition) -> str:
+    """The folder name of a condition's trainings in its cell."""
+    return f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}"
 
 
 def cell_folder(run: Run, n: int, seed: int) -> Path:
@@ -415,7 +433,7 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
                      generator_cfg: Any, vae_cfg: vae.VAEConfig, shape_cfg: ShapeModelConfig | None,
                      device: str) -> tuple[dict[str, float], dict[str, Any]]:
     """Train one condition of a cell; returns its per-patient test Dice and extra record fields."""
-    name = f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}"
+    name = _condition_name(cond)
 
     def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None):
         return fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),

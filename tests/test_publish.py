@@ -74,6 +74,24 @@ def test_publish_copies_what_a_reader_needs_and_nothing_else(tmp_path):
         assert f"({target})" in index and (out / target).is_file()
 
 
+def test_publish_copies_the_run_log_with_relative_paths_and_links_it(tmp_path):
+    run = fake_run(tmp_path, noise_png(64))
+    out = publish.publish(run, results_root=tmp_path / "results")
+    assert not (out / "run_log.md").exists() and "run_log.md" not in (out / "README.md").read_text()
+    (run / "run_log.md").write_text("# Run log\n\n## 2026-01-02 03:04 · unet (automatic entry)\n\n"
+                                    f"- **Full record**: `{PROJECT_ROOT}/runs/x/unet` (run folder)\n")
+    out = publish.publish(run, results_root=tmp_path / "results")
+    log = (out / "run_log.md").read_text()
+    assert "(automatic entry)" in log and "`runs/x/unet`" in log and str(PROJECT_ROOT) not in log
+    index = (out / "README.md").read_text()
+    assert "[Run log](run_log.md): what each notebook run recorded." in index
+    # another run folder published to the same dataset later: the earlier records stay, none twice
+    (run / "run_log.md").write_text((run / "run_log.md").read_text() + "\n## 2026-01-03 10:00 · fpn (automatic entry)\n\n"
+                                    "- **Run**: `03_fpn.ipynb`\n")
+    log = (publish.publish(run, results_root=tmp_path / "results") / "run_log.md").read_text()
+    assert log.count("## 2026-01-02 03:04 · unet") == 1 and log.count("## 2026-01-03 10:00 · fpn") == 1
+
+
 def test_publish_updates_an_existing_folder_file_by_file(tmp_path):
     run = fake_run(tmp_path, noise_png(100))
     out = publish.publish(run, results_root=tmp_path / "results")

@@ -87,6 +87,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     shutil.rmtree(cell / "spade_gan")
     assert not (run.run_dir / "study" / "results.json").exists()  # the driver writes a cell's records at its end
     assert (cell / "seg" / "real_r0_None_u" / "fit.json").is_file()  # what the cell finished is kept for the retry
+    assert [r["strategy"] for r in json.loads((cell / "records.json").read_text())] == ["real"]
     capsys.readouterr()
 
     # the generators of a cell see this many slices: 2 epochs
