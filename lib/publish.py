@@ -28,7 +28,8 @@ from lib.paths import PROJECT_ROOT, relative_paths
 RESULTS_ROOT = PROJECT_ROOT / "results"
 MAX_FILE_BYTES = 5 * 2**20  # GitHub renders notebooks and images of this size comfortably
 MAX_DATASET_BYTES = 25 * 2**20
-MAX_IMAGE_BYTES = 2**20  # one figure file, or one image inside a notebook
+MAX_IMAGE_BYTES = 2**20  # one figure file
+NOTEBOOK_IMAGE_BYTES = 2**18  # one image inside a published notebook (its figures are published as files too)
 FIGURES = ("data/*.png", "comparison.png", "*/curves.png", "*/patient_*.png", "*/patient_*.gif",
            "generators/*.png", "study/*.png")
 RECORDS = ("split.json", "*/metrics.json", "*/postprocessing.json", "*/history.json", "*/fit.json",
@@ -83,9 +84,11 @@ def _encode(image: Image.Image, scale: float, drop_frames: bool) -> bytes:
     return out.getvalue()
 
 
-def clean_notebook(path: Path, image_limit: int = MAX_IMAGE_BYTES) -> str:
-    """An executed notebook as JSON text: images shrunk, absolute paths made relative."""
+def clean_notebook(path: Path, image_limit: int = NOTEBOOK_IMAGE_BYTES) -> str:
+    """An executed notebook as JSON text: images shrunk, absolute paths made relative, widget
+    state (which papermill does not keep working) dropped."""
     nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.source = relative_paths(cell.source)
         for output in cell.get("outputs", []):
@@ -167,7 +170,8 @@ CV_FILES = ("split_file.json", "{name}/metrics.json", "{name}/postprocessing.jso
 def publish_cross_validation(root: str | Path, name: str, dataset: str, results_root: str | Path = RESULTS_ROOT,
                              *, command: str | None = None, folder: str = "cross_validation") -> Path:
     """Publish a cross-validation (``tools/cross_validate.py``) to ``results/<dataset>/<folder>/``:
-    the per-patient table, each fold's executed notebook, records and curves, and an index
+    the per-patient table, each fold's records and curves, the first fold's executed notebook
+    as an example, and an index
     naming the hardware and precision the folds trained on (from their ``fit.json``).
 
     Raises:
@@ -186,7 +190,7 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
             path = fold / pattern.format(name=name)
             if path.is_file():
                 written.append(write_text(out / fold.name / path.relative_to(fold), relative_paths(path.read_text())))
-        for nb in fold.glob("*.ipynb"):
+        for nb in fold.glob("*.ipynb") if fold == folds[0] else ():  # one executed fold as an example
             written.append(write_text(out / fold.name / nb.name, clean_notebook(nb)))
         curves = fold / name / "curves.png"
         if curves.is_file():
@@ -206,8 +210,9 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
              f"plain {table['dice_plain'].mean():.3f}, with flip TTA + largest component "
              f"{table['dice_tta'].mean():.3f} (lowest patient {table['dice_tta'].min():.3f}), "
              f"HD95 {table['hd95_mm'].mean():.1f} mm.**", "",
-             "Each fold's executed notebook, records (`metrics.json`, `postprocessing.json`, `history.json`, `fit.json`, the locator's) and "
-             "curves are in its `fold_<i>/` folder:", "",
+             "Each fold's records (`metrics.json`, `postprocessing.json`, `history.json`, `fit.json`, the locator's) and "
+             f"curves are in its `fold_<i>/` folder, and {folds[0].name}'s executed notebook shows one fold whole "
+             "(the others ran the same notebook with their split):", "",
              *[f"- [{f.name}]({f.name}/)" for f in folds], ""]
     written.append(write_text(out / "README.md", "\n".join(lines)))
     _check_sizes(out, written)

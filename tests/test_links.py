@@ -140,3 +140,10 @@ def test_readme_is_a_short_guide_with_its_sections_in_order():
     order = [headings.index(s) for s in README_SECTIONS]
     assert order == sorted(order), f"README.md sections out of order: {headings}"
     assert "### On a cluster" in readme.decode("utf-8")
+
+
+@pytest.mark.parametrize("dataset", sorted(p.name for p in (PROJECT_ROOT / "results").iterdir() if p.is_dir()))
+def test_each_published_dataset_stays_under_25_mb(dataset):
+    files = [p for p in (PROJECT_ROOT / "results" / dataset).rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total < 25 * 2**20, f"results/{dataset}: {total / 2**20:.1f} MB; publish fewer notebooks or smaller figures"

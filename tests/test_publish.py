@@ -158,6 +158,7 @@ def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path)
     (root / "fold_1" / "04_unet.ipynb").write_text(json.dumps(nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output(
             "stream", text="torch: 2 | hardware: 2 CPU cores (x86_64), bf16 | threads: 2\n")])])))
+    (root / "fold_0" / "04_unet.ipynb").write_text(json.dumps(nbformat.v4.new_notebook()))
     (root / "cross_validation.csv").write_text("patient,dice\na,0.8\n")
     out = publish.publish_cross_validation(root, "unet", "TaskX", tmp_path / "results", command="make cv",
                                            folder="cv_bf16")
@@ -165,6 +166,8 @@ def test_cross_validation_is_published_with_its_table_and_fold_records(tmp_path)
     assert (out / "fold_1" / "unet" / "metrics.json").is_file() and (out / "cross_validation.csv").is_file()
     assert (out / "fold_1" / "unet" / "postprocessing.json").is_file()
     assert not list(out.rglob("*.pt"))
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.ipynb")] == ["fold_0/04_unet.ipynb"]  # one example
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.ipynb")] == ["fold_0/04_unet.ipynb"]  # one example
     index = (out / "README.md").read_text()
     assert "Mean over 3 patients: Dice 0.817" in index and "lowest patient 0.850" in index and "make cv" in index
     # the hardware of each fold: from fit.json, else from the notebook's environment line
