@@ -140,28 +140,6 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     return [dest.joinpath(*_parts(m.name)) for m in members]
 
 
-def find_task_dir(root: str | Path) -> Path:
-    """Return the folder holding ``dataset.json`` in an extraction folder.
-
-    ``root`` itself qualifies; otherwise exactly one of its subfolders must hold one.
-
-    Raises:
-        FileNotFoundError: no ``dataset.json`` in ``root`` or its subfolders.
-        ValueError: several subfolders hold one.
-    """
-    root = Path(root)
-    if (root / "dataset.json").is_file():
-        return root
-    found = sorted(p.parent for p in root.glob("*/dataset.json"))
-    if not found:
-        raise FileNotFoundError(f"{root}: no dataset.json in it or in its subfolders")
-    if len(found) > 1:
-        raise ValueError(
-            f"{root}: several task folders hold dataset.json: {[p.name for p in found]}"
-        )
-    return found[0]
-
-
 def _download(url: str, archive: Path, md5: str, progress: bool) -> None:
     """Stream ``url`` to ``archive`` atomically, checking its MD5 before the final rename."""
     digest = hashlib.md5()

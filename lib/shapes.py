@@ -56,6 +56,7 @@ import numpy as np
 from scipy import ndimage
 
 from lib.atomic import atomic_path
+from lib.postprocess import keep_largest_component
 
 FORMAT = "shape_model"
 VERSION = 1
@@ -248,14 +249,6 @@ def _pca(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w, u = w[keep], u[:, keep]
     vt = (u.T @ xc) / np.sqrt(w)[:, None]
     return w / (f - 1), vt
-
-
-def _keep_largest(inside: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(inside, structure=_STRUCT8)
-    if n <= 1:
-        return inside
-    sizes = np.bincount(lab.ravel())[1:]
-    return lab == (int(np.argmax(sizes)) + 1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -512,7 +505,7 @@ class ShapeModel:
             if not cls_k.any():
                 continue
             if self.cfg.keep_largest:
-                kept = _keep_largest(cls_k)
+                kept = keep_largest_component(cls_k.astype(np.uint8)).astype(bool)
                 lab[cls_k & ~kept] = 0
                 cls_k = kept
             if self.cfg.fill_holes:

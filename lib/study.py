@@ -498,18 +498,16 @@ def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, generator_cfg:
         file = cell.work / f"synthetic_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
         if not file.is_file():
             drawn = 2 * need if cond.filtered else need  # the filter drops some: draw twice as many
-            new_masks = synthesis.draw_masks(cond.shapes, drawn, cell.seed, shape_model=cell.shape_model,
-                                             train_masks=masks, num_classes=run.task.num_classes)
-            new_images = generate(cell.generator, new_masks, seed=cell.seed, device=device)
-            share = 1.0
-            if cond.filtered:
-                if cell.real_model is None:
-                    raise RuntimeError("the sample filter needs the cell's real-only U-Net; train it first")
-                kept = synthesis.filter_pairs(new_images, new_masks, segment.predict_masks_fn(cell.real_model, device),
-                                              design.filter_threshold)
-                new_images, new_masks, share = kept.images, kept.masks, float(kept.kept.mean())
-            reps = np.resize(np.arange(len(new_masks)), need)  # too few kept: cycle through them
-            save_pairs(file, new_images[reps], new_masks[reps], {"kept_share": share, "seed": cell.seed})
+            if cond.filtered and cell.real_model is None:
+                raise RuntimeError("the sample filter needs the cell's real-only U-Net; train it first")
+            kept = synthesis.make_pairs(
+                generate, cell.generator, cond.shapes, drawn, cell.seed, shape_model=cell.shape_model,
+                train_masks=masks, num_classes=run.task.num_classes, device=device,
+                predict_fn=segment.predict_masks_fn(cell.real_model, device) if cond.filtered else None,
+                threshold=design.filter_threshold)
+            reps = np.resize(np.arange(len(kept.masks)), need)  # too few kept: cycle through them
+            save_pairs(file, kept.images[reps], kept.masks[reps], {"kept_share": float(kept.kept.mean()),
+                                                                  "seed": cell.seed})
         with np.load(file) as z:
             share = json.loads(str(z["meta"]))["kept_share"]
         cell.pools[key] = (load_pairs(file, source=f"synthetic_{design.generator}"), share)

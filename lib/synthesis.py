@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,11 @@ class Filtered:
     def summary(self) -> str:
         return f"kept {int(self.kept.sum())} of {len(self.kept)} pairs ({self.kept.mean():.0%})"
 
+    @property
+    def pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept (images, masks)."""
+        return self.images, self.masks
+
 
 def pair_scores(predict_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, masks: np.ndarray,
                 batch_size: int = 64) -> np.ndarray:
@@ -83,3 +89,18 @@ def filter_pairs(images: np.ndarray, masks: np.ndarray, predict_fn: Callable[[np
         raise ValueError(f"filter threshold {threshold} keeps none of {len(scores)} synthetic pairs (best score "
                          f"{scores.max() if len(scores) else float('nan'):.3f}); lower it or improve the generator")
     return Filtered(images[kept], masks[kept], scores, kept)
+
+
+def make_pairs(generate: Callable[..., np.ndarray], generator: Any, source: str, n: int, seed: int, *,
+               shape_model: ShapeModel | None = None, train_masks: np.ndarray | None = None, num_classes: int = 2,
+               device: str = "cpu", predict_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+               threshold: float = 0.0) -> Filtered:
+    """The whole path of synthetic pairs: ``n`` masks from ``source`` (:func:`draw_masks`), an
+    image for each by ``generate(generator, masks, seed=..., device=...)`` (a generator module's
+    ``generate_images``), and, with ``predict_fn``, :func:`filter_pairs` at ``threshold``
+    (without one every pair is kept, scored 1)."""
+    masks = draw_masks(source, n, seed, shape_model=shape_model, train_masks=train_masks, num_classes=num_classes)
+    images = generate(generator, masks, seed=seed, device=device)
+    if predict_fn is None:
+        return Filtered(images, masks, np.ones(len(masks)), np.ones(len(masks), bool))
+    return filter_pairs(images, masks, predict_fn, threshold)

@@ -97,9 +97,11 @@ class FitResult:
     out_dir: Path
 
 
-def loss_fn(num_classes: int) -> nn.Module:
-    """Dice + BCE for binary tasks, Dice + cross-entropy for multi-class (smp losses)."""
-    if num_classes == 2:
+def loss_fn(num_classes: int, softmax: bool = False) -> nn.Module:
+    """The segmentation loss of every segmenter (smp losses): Dice + BCE on one sigmoid channel
+    for binary tasks, Dice + cross-entropy on ``num_classes`` softmax channels for multi-class
+    ones, or for binary ones too with ``softmax`` (a head with a channel per class)."""
+    if num_classes == 2 and not softmax:
         dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
         return _Sum(dice, lambda logits, y: F.binary_cross_entropy_with_logits(logits[:, 0], y.float()))
     dice = smp.losses.DiceLoss(smp.losses.MULTICLASS_MODE, from_logits=True)

@@ -60,6 +60,7 @@ from lib.generative import (
     one_hot,
     train_generator,
 )
+from lib.train import loss_fn
 
 
 @dataclass
@@ -514,17 +515,6 @@ class LatentSegmenter(nn.Module):
         return self.decoder(self.latent(images).detach())
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Cross-entropy plus soft Dice loss (batch-wise, all classes); logits (B, K, H, W)."""
-    logits = logits.float()
-    probs = logits.softmax(1)
-    onehot = one_hot(target, logits.shape[1])
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    dice = (2 * inter + eps) / (denom + eps)
-    return F.cross_entropy(logits, target) + (1 - dice).mean()
-
-
 def train_latent_segmenter(
     vae: PairVAE,
     images: np.ndarray,
@@ -567,13 +557,14 @@ def train_latent_segmenter(
     x_all, m_all = torch.from_numpy(np.ascontiguousarray(images, np.float32)), torch.from_numpy(masks)
     has_fg = masks.reshape(len(masks), -1).any(axis=1)
     scaler = grad_scaler(device)
+    criterion = loss_fn(vae.cfg.num_classes, softmax=True)  # the segmenters' Dice + cross-entropy
     per_epoch = math.ceil(len(images) / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     for epoch in tqdm(range(math.ceil(total / per_epoch)), desc="latent seg", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         idx = epoch_indices(has_fg, foreground_fraction, gen)[: (total - epoch * per_epoch) * batch_size]
         seg.history.append(
-            _seg_epoch(seg, optimizer, scaler, x_all, m_all, targets, idx, batch_size, device, epoch)
+            _seg_epoch(seg, optimizer, scaler, criterion, x_all, m_all, targets, idx, batch_size, device, epoch)
         )
     return seg.eval()
 
@@ -582,6 +573,7 @@ def _seg_epoch(
     seg: LatentSegmenter,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
     x_all: torch.Tensor,
     m_all: torch.Tensor,
     targets: torch.Tensor,
@@ -599,7 +591,7 @@ def _seg_epoch(
         with autocast(device):
             z = seg.latent(x)
             latent_mse = F.mse_loss(z, target)
-            seg_loss = dice_ce_loss(seg.decoder(z.detach()), m)
+            seg_loss = criterion(seg.decoder(z.detach()), m)
         _backward_step(latent_mse + seg_loss, optimizer, scaler)
         scaler.update()
         sums[0] += latent_mse.item()

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import pytest
 
-from lib.download import MSD_TASKS, download_msd_task, find_task_dir, safe_extract
+from lib.download import MSD_TASKS, download_msd_task, safe_extract
 
 TASK = "Task04_Hippocampus"
 
@@ -320,16 +320,3 @@ def test_safe_extract_refuses_to_overwrite(archive: tuple[Path, str], tmp_path: 
         safe_extract(path, dest)
     assert [p.name for p in dest.iterdir()] == [TASK]
     assert list((dest / TASK).iterdir()) == []
-
-
-def test_find_task_dir(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="dataset.json"):
-        find_task_dir(tmp_path)
-    (tmp_path / TASK).mkdir()
-    (tmp_path / TASK / "dataset.json").write_text("{}")
-    assert find_task_dir(tmp_path) == tmp_path / TASK
-    assert find_task_dir(tmp_path / TASK) == tmp_path / TASK
-    (tmp_path / "Task09_Spleen").mkdir()
-    (tmp_path / "Task09_Spleen" / "dataset.json").write_text("{}")
-    with pytest.raises(ValueError, match="several"):
-        find_task_dir(tmp_path)

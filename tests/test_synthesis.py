@@ -40,3 +40,21 @@ def test_filter_keeps_pairs_the_segmenter_agrees_with(discs):
         synthesis.filter_pairs(pairs_images[has_fg], pairs_masks[has_fg], lambda x: np.zeros_like(x[:, 0], np.uint8), 1.0)
     with pytest.raises(ValueError, match="must lie in"):
         synthesis.filter_pairs(pairs_images, pairs_masks, segmenter, 1.5)
+
+
+def test_make_pairs_draws_masks_generates_their_images_and_filters_them(discs):
+    _, masks = discs
+
+    def paint(generator, drawn, seed, device):  # a stand-in generator: the image shows its mask, or not
+        return (generator * drawn[:, None].astype(np.float32) * 3.0)
+
+    segmenter = lambda x: (x[:, 0] > 1.5).astype(np.uint8)  # noqa: E731
+    every = synthesis.make_pairs(paint, 1.0, "deformed", 12, seed=3, train_masks=masks)
+    assert every.kept.all() and every.images.shape == (12, 1, 32, 32)
+    assert np.array_equal(every.masks, synthesis.draw_masks("deformed", 12, seed=3, train_masks=masks))
+    good = synthesis.make_pairs(paint, 1.0, "deformed", 12, seed=3, train_masks=masks, predict_fn=segmenter,
+                                threshold=0.5)
+    assert good.kept[every.masks.reshape(12, -1).any(1)].all()
+    with pytest.raises(ValueError, match="keeps none"):  # blank images never show their masks
+        synthesis.make_pairs(paint, 0.0, "deformed", 12, seed=3, train_masks=masks[masks.reshape(60, -1).any(1)],
+                             predict_fn=segmenter, threshold=0.9)
