@@ -9,7 +9,7 @@ IMAGE_SIZE ?=
 PARAMS ?=
 NOTEBOOKS := 01_data_analysis 02_pspnet 03_fpn 04_unet 05_vae_synthesis
 
-.PHONY: run test venv publish bench cv lint clean
+.PHONY: run test test-fast venv publish bench cv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ run: venv
 ## Whole test suite: unit tests, notebooks under nbval, one papermill run.
 test: venv
 	$(PY) -m pytest -q
+
+## The unit tests without the slow ones (local Ray, whole study cells, papermill) and without ../shared data.
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow and not shared_data"
 
 ## Publish a run folder's executed notebooks, key figures and JSON results to results/<dataset>/.
 publish: venv

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.step_variants import pure_step_seconds  # noqa: E402
 from lib import diffusion, vae  # noqa: E402
 from lib.env import amp_dtype, get_device, hardware  # noqa: E402
-from lib.inference import predict_probs, probs_to_volume  # noqa: E402
+from lib.forward import predict_probs  # noqa: E402
+from lib.inference import probs_to_volume  # noqa: E402
 from lib.models import ModelConfig, build_model  # noqa: E402
 from lib.msd import read_task  # noqa: E402
 from lib.slices import SliceConfig, build_cache, load_slices  # noqa: E402

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib import gan, segment, study, vae  # noqa: E402
 from lib.atomic import read_json, write_json  # noqa: E402
 from lib.env import hardware  # noqa: E402
-from lib.inference import predict_probs  # noqa: E402
+from lib.forward import predict_probs  # noqa: E402
 from lib.pipeline import prepare_run  # noqa: E402
 from lib.train import TrainConfig, fit  # noqa: E402
 

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from lib.atomic import read_json, write_json, write_with
 from lib.inference import patient_probs, probs_to_original, save_prediction
 from lib.metrics import cross_entropy, dice, per_slice_dice, score_case, summarise
-from lib.msd import read_label
 from lib.postprocess import keep_largest_component, remove_small_pieces
 from lib.roi import Locator
 from lib.slices import SliceSet
+from lib.volumes import read_label
 
 VARIANTS = {"plain": (False, False), "lcc": (False, True), "tta": (True, False), "tta+lcc": (True, True)}
 

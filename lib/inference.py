@@ -17,11 +17,10 @@ from torch import nn
 
 from lib.atomic import atomic_path
 from lib.checkpoint import load_model
-from lib.env import autocast
+from lib.forward import predict_probs
 from lib.images2d import is_image_file, write_mask
-from lib.models import probabilities
 from lib.msd import from_canonical
-from lib.postprocess import flip_tta, keep_largest_component, remove_small_pieces
+from lib.postprocess import keep_largest_component, remove_small_pieces
 from lib.roi import Locator, canvas_probs
 from lib.slices import (
     CaseMeta,
@@ -32,43 +31,6 @@ from lib.slices import (
     to_slices,
     with_context,
 )
-
-
-@torch.inference_mode()
-def predict_probs(
-    model: nn.Module,
-    images: np.ndarray,
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    amp: bool = True,
-    tta: bool = False,
-    swap: Sequence[tuple[int, int]] = (),
-) -> torch.Tensor:
-    """Class probabilities for a stack of slices.
-
-    Args:
-        images: (N, C, H, W) normalised slices (float16 or float32).
-        amp: mixed precision where :func:`lib.env.amp_dtype` gives a dtype for ``device``.
-        tta: average over horizontal, vertical and both flips.
-        swap: class pairs that are mirror images (left/right organs, see :func:`lib.postprocess.flip_tta`).
-
-    Returns:
-        float32 (N, K, H, W) on the CPU, K = number of classes.
-    """
-    device = torch.device(device)
-    model.eval()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            return probabilities(model(x))
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device).float()
-        x = x.contiguous(memory_format=torch.channels_last)
-        out.append((flip_tta(run, x, swap=swap) if tta else run(x)).float().cpu())
-    return torch.cat(out)
 
 
 def patient_probs(model: nn.Module, images: np.ndarray, *, locator: Locator | None = None,

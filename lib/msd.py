@@ -265,12 +265,8 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
 
 
-def read_label(path: str | Path) -> np.ndarray:
-    """A label file as uint8 (X, Y, Z) in canonical orientation; a 2D mask as (X, Y, 1)."""
-    if not str(path).endswith((".nii", ".nii.gz")):
-        from lib.images2d import read_mask  # 2D folders build on this module
-
-        return read_mask(path)
+def read_nifti_label(path: str | Path) -> np.ndarray:
+    """A NIfTI label file as uint8 (X, Y, Z) in canonical orientation."""
     return np.asarray(to_canonical(load_nifti(path)).dataobj).astype(np.uint8)
 
 
@@ -331,18 +327,13 @@ def channels_first(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
     raise MSDDataError(f"{path}: expected a 3D or 4D image, got shape {image.shape}")
 
 
-def load_volume(task: Task, case: Case) -> Volume:
-    """Load one case in canonical orientation, checking its geometry and label values
-    (a 2D image folder's case as a one-slice volume, see :mod:`lib.images2d`).
+def load_nifti_case(task: Task, case: Case) -> Volume:
+    """Load one NIfTI case in canonical orientation, checking its geometry and label values.
 
     Raises:
         MSDDataError: unreadable file, image and label of different shape, spacing, origin
             or direction (:func:`check_same_grid`), or label values not declared in dataset.json.
     """
-    if task.is_2d:
-        from lib.images2d import load_image_case  # 2D folders build on this module
-
-        return load_image_case(task, case)
     img, lab = load_nifti(case.image), load_nifti(case.label)
     check_same_grid(img, lab, case.image, case.label)
     img, lab = to_canonical(img), to_canonical(lab)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.forward import predict_probs
 from lib.models import ModelConfig, build_model
 from lib.postprocess import keep_largest_component
 from lib.slices import SliceSet
@@ -121,8 +122,6 @@ class Locator:
 
     def find(self, images: np.ndarray, device: str | torch.device = "cpu") -> Box | None:
         """The crop of one patient's canvas slices (Z, C', S, S) holding its structure, or None."""
-        from lib.inference import predict_probs
-
         probs = predict_probs(self.model, shrink(self.centre(images)).numpy(), device=device)
         found = keep_largest_component((probs.argmax(1) > 0).numpy().astype(np.uint8))
         return box_around(found, self.size, images.shape[-1] / LOCATOR_SIZE)

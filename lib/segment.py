@@ -20,7 +20,7 @@ from lib.atomic import read_json
 from lib.checkpoint import check_compatible, load_model
 from lib.env import get_device
 from lib.evaluate import evaluate
-from lib.inference import predict_probs
+from lib.forward import predict_probs
 from lib.metrics import paired_bootstrap
 from lib.models import ModelConfig, count_parameters
 from lib.pipeline import Run

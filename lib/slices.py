@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lib.atomic import atomic_path, read_json, write_json
-from lib.msd import Case, MSDDataError, Task, Volume, load_volume, read_geometry
+from lib.msd import Case, MSDDataError, Task, Volume, read_geometry
+from lib.volumes import load_volume
 
 CACHE_VERSION = 2  # 2: volumes in canonical orientation
 HIST_BINS = np.linspace(-4.0, 6.0, 101)

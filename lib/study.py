@@ -55,15 +55,16 @@ from tqdm.auto import tqdm
 from lib import diffusion, gan, segment, synthesis, vae
 from lib.atomic import read_json, update_json, write_json
 from lib.engine import EngineConfig, Job, run_jobs
+from lib.forward import predict_probs
 from lib.generative import TrainingCollapsed, load_generator
-from lib.inference import predict_probs, probs_to_volume
+from lib.inference import probs_to_volume
 from lib.metrics import cluster_bootstrap, dice
 from lib.models import ModelConfig
-from lib.msd import read_label
 from lib.pipeline import Run
 from lib.shapes import ShapeModel, ShapeModelConfig
 from lib.slices import SliceSet, concat, load_pairs, save_pairs
 from lib.train import TrainConfig, fit
+from lib.volumes import read_label
 
 STRATEGIES = ("real", "mix", "pretrain", "synthetic_only", "latent")
 IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images, gan.SPADEGAN),

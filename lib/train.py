@@ -32,7 +32,7 @@ from lib.atomic import read_json, write_json
 from lib.augment import AugmentConfig, augment_batch
 from lib.checkpoint import check_compatible, read_checkpoint, save_checkpoint
 from lib.env import autocast, get_device, grad_scaler, hardware, seed_everything
-from lib.inference import predict_probs
+from lib.forward import predict_probs
 from lib.metrics import dice_from_counts
 from lib.models import ModelConfig, build_model
 from lib.slices import SliceSet

@@ -26,6 +26,9 @@ cases = {c: {"dice": s, "hd95": 10 * s} for c, s in score.items()}
 '''
 
 
+pytestmark = pytest.mark.slow  # starts a local Ray
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     pytest.importorskip("ray")

@@ -15,6 +15,9 @@ RAY = EngineConfig("ray", num_cpus=1, max_retries=1)
 SERIAL = EngineConfig("serial", num_cpus=1, max_retries=1)
 
 
+pytestmark = pytest.mark.slow  # starts a local Ray
+
+
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray = pytest.importorskip("ray")

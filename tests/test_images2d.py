@@ -20,11 +20,12 @@ from lib.images2d import (
 )
 from lib.inference import probs_to_volume
 from lib.metrics import score_case
-from lib.msd import MSDDataError, load_volume
+from lib.msd import MSDDataError
 from lib.pipeline import prepare_run
 from lib.predict import predict
 from lib.slices import CaseMeta, SliceConfig, to_slices
 from lib.train import TrainConfig
+from lib.volumes import load_volume
 
 
 def disc_image(h: int, w: int, rng: np.random.Generator, colour: bool = False) -> tuple[np.ndarray, np.ndarray]:

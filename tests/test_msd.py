@@ -5,7 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.msd import MSDDataError, load_volume, read_task
+from lib.msd import MSDDataError, read_task
+from lib.volumes import load_volume
 from tests.helpers import blob_case, make_task, write_task
 
 

@@ -174,6 +174,7 @@ def test_colab_setup_cell_needs_no_edit_keeps_colabs_kernel_and_uses_drive(name,
     exec(source, {})  # outside Colab: does nothing
 
 
+@pytest.mark.slow
 def test_papermill_run_with_injected_parameters(tmp_path):
     split = {"train": ["la_demo_000", "la_demo_001", "la_demo_002", "la_demo_003"], "val": ["la_demo_004"],
              "test": ["la_demo_005"]}

@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 
-from lib.msd import load_volume, read_task
+from lib.msd import read_task
 from lib.slices import SliceConfig, build_cache, load_slices
 from lib.splits import make_split
+from lib.volumes import load_volume
 from tests.helpers import SHARED
+
+pytestmark = pytest.mark.shared_data  # reads ../shared/data; skipped where absent
 
 HEART = SHARED / "Task02_Heart_dev"
 HIPPO = SHARED / "Task04_Hippocampus"

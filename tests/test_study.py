@@ -69,6 +69,7 @@ def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():
         study.plateau_epoch([])
 
 
+@pytest.mark.slow
 def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys,
                                                                                              tmp_path):
     design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], filter_threshold=0.0)
@@ -219,6 +220,7 @@ def test_records_are_merged_under_a_lock_never_duplicated_and_of_one_design(run,
     assert len(json.loads(path.read_text())) == 3
 
 
+@pytest.mark.slow
 def test_the_grid_on_ray_gives_the_serial_records_survives_a_killed_worker_and_resumes(run, tmp_path):
     pytest.importorskip("ray")
     design = study.make_design(run, n_test=2, n_val=1, n_real=[2], seeds=[2], strategies=["real", "mix"],

@@ -7,7 +7,7 @@ import torch
 from lib import train as train_mod
 from lib.checkpoint import load_model, read_checkpoint
 from lib.env import amp_dtype, autocast
-from lib.inference import predict_probs
+from lib.forward import predict_probs
 from lib.models import ModelConfig, build_model, check_image_size
 from lib.msd import read_task
 from lib.slices import SliceConfig, build_cache, load_slices
