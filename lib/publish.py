@@ -306,9 +306,10 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
                   "patients (`results.json` holds every record, with per-patient Dice).", "",
                   markdown_table(study_table(records)), "",
                   "## Against real only", "", "Mean paired difference in per-patient Dice (paired by seed, training "
-                  "subset and test patient), 95 % two-stage bootstrap interval (seeds, then test patients within each), "
-                  "verdict only when the interval excludes 0 "
-                  "(`summary.json`).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
+                  "subset and test patient) with the statistics of the code that made `summary.json` (today: a 95 % "
+                  "t-interval over the seeds, `ci_low`/`ci_high`, and a crossed bootstrap of seeds and test patients, "
+                  "`boot_low`/`boot_high`, a verdict only when both exclude 0; summaries without `boot_` columns used "
+                  "a two-stage bootstrap, seeds then test patients within each).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
     if notebook:
         partial = "" if len(records) >= planned else " (while the study runs: up to its last saved cell)"
         lines += [f"[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb){partial}.", ""]

@@ -41,6 +41,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from lib.engine import EngineConfig, Job, run_jobs
 from lib.forward import predict_probs
 from lib.generative import TrainingCollapsed, load_generator
 from lib.inference import probs_to_volume
-from lib.metrics import cluster_bootstrap, dice
+from lib.metrics import crossed_bootstrap, dice, seed_t_interval, seeds_for_power
 from lib.models import ModelConfig
 from lib.pipeline import Run
 from lib.shapes import ShapeModel, ShapeModelConfig
@@ -547,32 +548,38 @@ def study_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return table.rename(columns={"count": "seeds"})
 
 
-def _pairs(record: dict[str, Any], base: dict[str, Any]) -> list[float]:
-    """Per-test-patient Dice differences of ``record`` against ``base`` (same seed and subset)."""
-    a, b = record["test_dice"], base["test_dice"]
-    return [a[p] - b[p] for p in sorted(set(a) & set(b))]
+def _differences(matched: list[tuple[dict[str, Any], dict[str, Any]]]) -> np.ndarray:
+    """The (seeds x test patients) matrix of per-patient Dice differences of each seed's record
+    against real only of the same seed (same training subset); NaN where a patient is missing."""
+    patients = sorted({p for r, b in matched for p in set(r["test_dice"]) & set(b["test_dice"])})
+    return np.array([[r["test_dice"].get(p, np.nan) - b["test_dice"].get(p, np.nan) for p in patients]
+                     for r, b in matched], dtype=float)
 
 
-def _verdict(ci: dict[str, Any], seeds: int, min_seeds: int, min_pairs: int) -> str:
+def _verdict(primary: dict[str, Any], secondary: dict[str, Any], seeds: int, min_seeds: int) -> str:
+    """"helps" or "hurts" only when both intervals exclude 0 on the same side."""
     if seeds < min_seeds:
         return "too few seeds"
-    if ci["n"] < min_pairs:
-        return "too few pairs"
-    return {"higher": "helps", "lower": "hurts"}.get(ci["verdict"], ci["verdict"])
+    both = {primary["verdict"], secondary["verdict"]}
+    return {"higher": "helps", "lower": "hurts"}.get(both.pop(), "no clear difference") if len(both) == 1 \
+        else "no clear difference"
 
 
 def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed: int = 0,
-                      min_pairs: int = 6, min_seeds: int = 3) -> pd.DataFrame:
-    """Each setting against "real only" at the same n_real: the mean paired difference in
-    per-patient test Dice (paired by seed, hence training subset, and by test patient) with a 95 %
-    bootstrap interval that resamples the seeds, then the test patients within each
-    (:func:`lib.metrics.cluster_bootstrap`): the interval holds the spread between training subsets.
+                      min_seeds: int = 3) -> pd.DataFrame:
+    """Each setting against "real only" at the same n_real, with the training subset (seed) as the
+    unit: the mean paired difference in per-patient test Dice (paired by seed and test patient),
+    a 95 % t-interval over the seeds' mean differences (primary: ``ci_low``, ``ci_high``;
+    :func:`lib.metrics.seed_t_interval`) and a 95 % bootstrap interval that resamples seeds and
+    test patients crossed, as every seed is scored on the same patients (secondary:
+    ``boot_low``, ``boot_high``; :func:`lib.metrics.crossed_bootstrap`).
 
-    The verdict is "helps" only when the interval is above 0, "hurts" only when it is below 0,
-    otherwise "no clear difference"; with fewer than ``min_seeds`` seeds or ``min_pairs`` pairs it
-    says "too few seeds" or "too few pairs". Differences are in Dice points (x100).
+    The verdict is "helps" only when both intervals are above 0, "hurts" only when both are below
+    0, otherwise "no clear difference"; with fewer than ``min_seeds`` seeds it says "too few
+    seeds". Differences are in Dice points (x100).
     """
-    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "seeds", "pairs", "verdict"]
+    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "boot_low", "boot_high", "seeds",
+               "pairs", "verdict"]
     if not records:
         return pd.DataFrame(columns=columns).set_index(["n_real", "setting"])
     df = pd.DataFrame(records)
@@ -581,14 +588,38 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
     rows = []
     for (n, setting), group in df[df["strategy"] != "real"].groupby(["n_real", "setting"]):
         matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
-        groups = [_pairs(r, b) for r, b in matched]
-        if not np.isfinite([d for g in groups for d in g]).any():
+        diff = _differences(matched)
+        if not diff.size or not np.isfinite(diff).any():
             continue
-        ci = cluster_bootstrap(groups, n_boot=n_boot, seed=seed)
-        rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * ci["mean"],
-                     "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"], "seeds": len(matched), "pairs": ci["n"],
-                     "verdict": _verdict(ci, len(matched), min_seeds, min_pairs)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a seed without any finite difference
+            primary = seed_t_interval(np.nanmean(diff, axis=1))
+        secondary = crossed_bootstrap(diff, n_boot=n_boot, seed=seed)
+        rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * primary["mean"],
+                     "ci_low": 100 * primary["low"], "ci_high": 100 * primary["high"],
+                     "boot_low": 100 * secondary["low"], "boot_high": 100 * secondary["high"], "seeds": len(matched),
+                     "pairs": secondary["n"], "verdict": _verdict(primary, secondary, len(matched), min_seeds)})
     return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])
+
+
+def power_table(records: list[dict[str, Any]], setting: str = "real + spade_gan x1", effect: float = 0.03,
+                power: float = 0.8) -> pd.DataFrame:
+    """How many seeds (training subsets) a study needs, from the records of an earlier one: per
+    patient count, the spread (sd) of the seeds' mean paired differences of ``setting`` against
+    real only, and the seeds a t-test needs to detect ``effect`` (Dice, 0.03 = 3 points) with
+    ``power`` at the 5 % level (:func:`lib.metrics.seeds_for_power`)."""
+    rows = {}
+    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
+    for n in sorted({r["n_real"] for r in records}):
+        matched = [(r, base[(n, r["seed"])]) for r in records
+                   if r["n_real"] == n and r["strategy"] != "real" and setting_label(r) == setting and (n, r["seed"]) in base]
+        if len(matched) < 2:
+            continue
+        means = np.nanmean(_differences(matched), axis=1)
+        sd = float(np.std(means, ddof=1))
+        rows[n] = {"seeds": len(matched), "mean_difference_points": 100 * float(np.mean(means)),
+                   "sd_points": 100 * sd, "seeds_needed": seeds_for_power(sd, effect, power)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("n_real")
 
 
 def study_figure(records: list[dict[str, Any]], conclusions: pd.DataFrame) -> Figure:

@@ -10,7 +10,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from lib.metrics import (
-    cluster_bootstrap,
+    crossed_bootstrap,
     dice,
     dice_from_counts,
     hd95,
@@ -18,6 +18,8 @@ from lib.metrics import (
     paired_bootstrap,
     per_slice_dice,
     score_case,
+    seed_t_interval,
+    seeds_for_power,
     summarise,
     volume_ml,
 )
@@ -309,17 +311,44 @@ def test_paired_bootstrap_matches_a_hand_computed_case() -> None:
     assert (ci["low"], ci["high"], ci["verdict"]) == (pytest.approx(0.0), pytest.approx(1.0), "no clear difference")
 
 
-def test_cluster_bootstrap_matches_a_hand_computed_case_and_keeps_the_spread_between_groups() -> None:
-    # two groups of constant differences: the groups drawn are {a, a}, {a, b} or {b, b} (chances 1/4, 1/2, 1/4),
-    # resampling within a constant group changes nothing, so the interval runs from a to b
-    ci = cluster_bootstrap([[0.1] * 5, [0.3] * 5])
-    assert ci["mean"] == pytest.approx(0.2) and ci["low"] == pytest.approx(0.1) and ci["high"] == pytest.approx(0.3)
-    assert ci["n"] == 10 and ci["groups"] == 2 and ci["verdict"] == "higher"
-    # the same differences pooled look precise; grouped by training run, a run that failed widens the interval
-    groups = [[0.05, 0.06, 0.04, 0.05]] * 4 + [[-0.2, -0.21, -0.19, -0.2]]
-    pooled = paired_bootstrap([d for g in groups for d in g])
-    grouped = cluster_bootstrap(groups)
-    assert grouped["mean"] == pytest.approx(pooled["mean"])
-    assert grouped["high"] - grouped["low"] > 1.5 * (pooled["high"] - pooled["low"])
-    with pytest.raises(ValueError, match="no finite"):
-        cluster_bootstrap([[float("nan")], []])
+def test_seed_t_interval_matches_the_t_formula_and_needs_two_runs() -> None:
+    ci = seed_t_interval([0.09, 0.10, 0.11])  # mean 0.10, sd 0.01: half-width t(0.975, 2) * 0.01 / sqrt(3)
+    assert ci["mean"] == pytest.approx(0.10) and ci["low"] == pytest.approx(0.10 - 4.3027 * 0.01 / 3**0.5, abs=1e-5)
+    assert ci["verdict"] == "higher" and ci["n"] == 3
+    assert seed_t_interval([0.1, float("nan")])["verdict"] == "no clear difference"  # one finite run: no interval
+
+
+def test_crossed_bootstrap_keeps_the_spread_between_runs_and_between_patients() -> None:
+    runs = np.array([[0.05] * 8] * 4 + [[-0.2] * 8])  # one training run failed: the interval must show it
+    patients = np.array([[0.3, -0.3] * 4] * 5)  # every run agrees, the patients differ
+    steady = np.full((5, 8), 0.05)
+    assert crossed_bootstrap(steady)["verdict"] == "higher"
+    for spread in (runs, patients):
+        ci = crossed_bootstrap(spread)
+        assert ci["low"] < 0 < ci["high"] and ci["verdict"] == "no clear difference" and ci["n"] == 40
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        crossed_bootstrap(np.full((1, 4), 0.1))
+
+
+@pytest.mark.parametrize("run_sd, patient_sd, noise_sd", [(0.03, 0.04, 0.03), (0.05, 0.02, 0.05), (0.01, 0.05, 0.05)])
+def test_with_no_effect_the_studys_verdict_is_wrong_in_at_most_7_percent_of_200_replicates(run_sd, patient_sd,
+                                                                                          noise_sd) -> None:
+    """5 training runs x 20 test patients, a true difference of 0: the crossed interval covers 0 in at
+    least 93 % of the replicates, and the verdict (both intervals on one side of 0) is "no clear
+    difference" in at least 93 %. The t-interval over runs alone covers less where test patients
+    spread more than runs (it is conditional on this test set), which is why both are required."""
+    rng = np.random.default_rng(1)
+    covered = quiet = 0
+    for r in range(200):
+        diff = (rng.normal(0, run_sd, (5, 1)) + rng.normal(0, patient_sd, (1, 20))
+                + rng.normal(0, noise_sd, (5, 20)))
+        primary, secondary = seed_t_interval(diff.mean(axis=1)), crossed_bootstrap(diff, n_boot=1000, seed=r)
+        covered += secondary["low"] <= 0 <= secondary["high"]
+        quiet += not (primary["verdict"] == secondary["verdict"] != "no clear difference")
+    assert covered >= 186 and quiet >= 186
+
+
+def test_seeds_for_power_follows_the_noncentral_t() -> None:
+    assert seeds_for_power(0.05, 0.03) == 24 and seeds_for_power(0.01, 0.03) == 4
+    assert seeds_for_power(0.08, 0.03) > seeds_for_power(0.05, 0.03)
+    assert seeds_for_power(1.0, 0.001, most=10) == 11

@@ -175,14 +175,16 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
     table = study.study_conclusions(records)
     helps = table.loc[(1, "real + spade_gan x1")]
     assert helps["delta_dice_points"] == pytest.approx(10.0) and helps["pairs"] == 12 and helps["seeds"] == 3
-    # the interval lies within the seeds' gains (9 to 11 points; the floor can round to 8.999...)
-    assert 9 - 1e-9 <= helps["ci_low"] <= helps["ci_high"] <= 11 + 1e-9 and helps["verdict"] == "helps"
-    unclear = table.loc[(1, "spade_gan only")]
-    assert unclear["ci_low"] < 0 < unclear["ci_high"] and unclear["verdict"] == "no clear difference"
-    assert set(study.study_conclusions(records, min_pairs=13)["verdict"]) == {"too few pairs"}
+    # primary: t over the seeds' mean gains 9, 10, 11 points (10 +- 4.30 * 1 / sqrt(3)); both intervals above 0
+    assert helps["ci_low"] == pytest.approx(10 - 4.3027 / 3**0.5, abs=1e-3) and helps["boot_low"] > 0
+    assert helps["verdict"] == "helps"
+    unclear = table.loc[(1, "spade_gan only")]  # every seed's mean is 0, but the patients spread by +-20 points
+    assert unclear["ci_low"] == pytest.approx(0) and unclear["boot_low"] < -5 and unclear["boot_high"] > 5
+    assert unclear["verdict"] == "no clear difference"
     assert set(study.study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
 
 
+@pytest.mark.slow
 def test_the_demo_study_trains_real_only_to_a_dice_that_means_something(tmp_path):
     """Notebook 05's default study settings on the demo data: real only from 1 patient reaches 0.5."""
     nb = nbformat.read(PROJECT_ROOT / "notebooks" / "05_vae_synthesis.ipynb", as_version=4)
@@ -262,3 +264,16 @@ def test_makespan_fills_workers_longest_job_first():
     assert study.makespan([3, 2, 4, 3], 2) == 6  # 4+2 | 3+3
     assert study.makespan([5, 1, 1], 4) == 5 and study.makespan([1.0] * 8, 1) == 8
     assert study.makespan([2.0] * 4, 3) == 4
+
+
+def test_power_table_gives_the_seeds_a_3_point_effect_needs_from_earlier_records():
+    records = []
+    for seed, gain in enumerate([0.02, 0.04, 0.03, 0.05, 0.01]):  # seed means spread by 1.58 points
+        base = {"generator": None, "n_real": 2, "ratio": 0.0, "seed": seed, "shapes": None, "filtered": None}
+        patients = {f"p{i}": 0.6 + 0.01 * i for i in range(6)}
+        records.append(base | {"strategy": "real", "test_dice": patients})
+        records.append(base | {"strategy": "mix", "generator": "spade_gan", "ratio": 1.0, "shapes": "new",
+                               "filtered": True, "test_dice": {p: d + gain for p, d in patients.items()}})
+    row = study.power_table(records).loc[2]
+    assert row["seeds"] == 5 and row["mean_difference_points"] == pytest.approx(3.0)
+    assert row["sd_points"] == pytest.approx(1.5811, abs=1e-3) and row["seeds_needed"] == 4
