@@ -224,9 +224,11 @@ def _epoch_steps(cfg: TrainConfig) -> int:
 
 def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
                     max_epochs: int, device: str = "cpu", progress: bool = True) -> dict[int, dict[str, Any]]:
-    """For each patient count: train real only (seed 0's subset) for ``max_epochs`` and pick the
-    epoch where validation Dice reaches its plateau (:func:`plateau_epoch`). ``samples_per_epoch``
-    must be set, so an epoch is the same number of steps for every training set.
+    """For each patient count: train real only (seed 0's subset) for ``max_epochs`` at a constant
+    learning rate (so the curve flattens where learning stops, not where a decaying schedule
+    ends) and pick the epoch where validation Dice reaches its plateau (:func:`plateau_epoch`).
+    ``samples_per_epoch`` must be set, so an epoch is the same number of steps for every training
+    set. The study then trains every condition for that many steps with its usual schedule.
 
     Returns (and keeps in ``study/steps.json``, reused on a re-run):
         n_real -> {"epochs", "steps", "plateau" (False: still rising at ``max_epochs``, so the
@@ -245,7 +247,8 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
         if n in out:
             continue
         real = _patients(train, design.subset(n, 0))
-        result = fit(real, val, model_cfg, replace(train_cfg, epochs=max_epochs, seed=0, device=device),
+        result = fit(real, val, model_cfg, replace(train_cfg, epochs=max_epochs, seed=0, device=device,
+                                                  lr_schedule="constant"),
                      run.run_dir / "study" / "work" / f"calibrate_n{n}", run.data_settings(), keep="none",
                      progress=False)
         curve = [[row["epoch"] * per_epoch, row["val_dice"]] for row in result.history]
@@ -437,9 +440,13 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
     """Train one condition of a cell; returns its per-patient test Dice and extra record fields."""
     name = _condition_name(cond)
 
+    chosen: dict[str, int] = {}
+
     def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None):
-        return fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
-                   init=init, progress=False).model
+        result = fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
+                     init=init, progress=False)
+        chosen["best_epoch"] = result.best_epoch  # the epoch validation chose, of the last training
+        return result.model
 
     if cond.strategy == "latent":
         vae_model, _ = vae.train_vae(cell.real.images.astype(np.float32), cell.real.masks,
@@ -455,7 +462,7 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
     if cond.strategy == "real":
         model = train(cell.real, "", cfg)
         cell.real_model = model
-        return _score(model, test, truths, run, device), {}
+        return _score(model, test, truths, run, device), dict(chosen)
     synth, kept = _synthetic(cell, cond, design, generator_cfg, shape_cfg, run, device)
     extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept, "generator_stopped": cell.generator_stopped}
     if cond.strategy == "mix":
@@ -466,7 +473,7 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
         first = max(1, cfg.epochs // 2)
         pre = train(synth, "_pre", replace(cfg, epochs=first))
         model = train(cell.real, "_fine", replace(cfg, epochs=cfg.epochs - first), init=pre) if cfg.epochs > first else pre
-    return _score(model, test, truths, run, device), extra
+    return _score(model, test, truths, run, device), extra | chosen
 
 
 def _score(model: torch.nn.Module, test: SliceSet, truths: dict[str, np.ndarray], run: Run,

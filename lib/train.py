@@ -38,6 +38,7 @@ from lib.models import ModelConfig, build_model
 from lib.slices import SliceSet
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly", "constant")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainConfig:
         channels_last: NHWC memory layout (faster convolutions on GPUs and with oneDNN on CPUs).
         optimizer: "adamw" (cosine decay) or "sgd" (nnU-Net's recipe: Nesterov momentum 0.99,
             poly decay ``(1 - progress) ** 0.9``; nnU-Net starts it at lr 0.01).
+        lr_schedule: None (the optimizer's), "cosine", "poly" or "constant" (after the warm-up:
+            a flattening validation curve then shows learning, not the schedule's end).
     """
 
     epochs: int = 30
@@ -75,10 +78,18 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 64
     optimizer: str = "adamw"
+    lr_schedule: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in (None, *SCHEDULES):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {SCHEDULES} or None")
+
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule: ``lr_schedule``, else poly decay for SGD and cosine for AdamW."""
+        return self.lr_schedule or ("poly" if self.optimizer == "sgd" else "cosine")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,13 +163,16 @@ def patient_dice(probs: torch.Tensor, truth: np.ndarray, case_ids: np.ndarray) -
 
 def lr_factor(step: int, total_steps: int, warmup: int, time_fraction: float = 0.0, schedule: str = "cosine") -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to 1% of the peak, or
-    nnU-Net's poly decay ``(1 - progress) ** 0.9`` (``schedule="poly"``).
+    nnU-Net's poly decay ``(1 - progress) ** 0.9`` (``schedule="poly"``), or the peak rate to
+    the end (``schedule="constant"``).
 
     Progress is the larger of the share of steps done and ``time_fraction`` (the share of
     a time budget spent), so a run cut short by its budget still ends at a low rate.
     """
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, max((step - warmup) / max(1, total_steps - warmup), time_fraction))
     if schedule == "poly":
         return (1 - progress) ** 0.9
@@ -326,7 +340,7 @@ class _Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = cfg.lr * lr_factor(self.step, cfg.epochs * self.steps, cfg.warmup_steps,
                                     (time.perf_counter() - origin) / self.budget_s,
-                                    "poly" if cfg.optimizer == "sgd" else "cosine")
+                                    cfg.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with autocast(self.device, cfg.amp):

@@ -114,6 +114,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
         assert RECORD_KEYS <= set(r) and r["design"] == design.id and r["train_patients"] == design.subset(1, 0)
         assert set(r["test_dice"]) == set(design.test) and 0 <= r["mean_dice"] <= 1
         assert r["generator_epochs"] == (None if r["strategy"] == "real" else 2)
+        assert r["strategy"] == "latent" or 1 <= r["best_epoch"] <= steps[1]["epochs"]  # validation's choice
         if r["strategy"] in ("mix", "pretrain", "synthetic_only"):
             assert r["generator_stopped"] == "spade_gan: the discriminator wins"
     mix2 = next(r for r in records if r["strategy"] == "mix" and r["ratio"] == 2.0)

@@ -158,6 +158,10 @@ def test_lr_schedule_warms_up_then_decays_by_steps_or_time():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(10, 100, 10) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10) == pytest.approx(0.505)
+    assert lr_factor(90, 100, 10, schedule="constant") == 1.0 and lr_factor(0, 100, 10, schedule="constant") == 0.1
+    assert TrainConfig(optimizer="sgd").schedule == "poly" and TrainConfig(lr_schedule="constant").schedule == "constant"
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        TrainConfig(lr_schedule="step")
     assert lr_factor(100, 100, 10) == pytest.approx(0.01)
     assert lr_factor(19, 100, 10, time_fraction=0.5) == pytest.approx(0.505)  # time runs out before steps do
     assert lr_factor(20, 100, 10, time_fraction=2.0) == pytest.approx(0.01)
