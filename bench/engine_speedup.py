@@ -37,7 +37,7 @@ from lib.shapes import ShapeModelConfig  # noqa: E402
 from lib.train import TrainConfig  # noqa: E402
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
-CV_ARGS = ["-p", "preset", "cpu", "-p", "roi", "False", "-p", "image_size", "128", "-p", "epochs", "4",
+CV_ARGS = ["-p", "preset", "cpu", "-p", "roi", "False", "-p", "image_size", "128", "-p", "epochs", "3",
            "-p", "time_budget_min", "600", "-p", "patience", "0"]
 
 
@@ -66,7 +66,8 @@ def study_chunk(root: Path, seeds: int, generator_samples: int, cores: int) -> d
         folder = root / f"study_{name}"
         shutil.rmtree(folder, ignore_errors=True)
         run = prepare_run(str(SHARED / "Task04_Hippocampus"), folder, image_size=64, seed=0, progress=False)
-        design = study.make_design(run, n_test=40, n_val=10, n_real=[1], seeds=[seeds], strategies=["real", "mix"])
+        design = study.make_design(run, n_test=40, n_val=10, n_real=[1], seeds=[seeds], strategies=["real", "mix"],
+                                   ablations=False)
         srun = study.design_run(run, design)
         common = {"image_size": 64, "in_channels": 1, "num_classes": run.task.num_classes}
         model_cfg, train_cfg = segment.model_config(srun, "unet"), TrainConfig(samples_per_epoch=128, patience=None)
@@ -108,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/engine_bench"))
     parser.add_argument("--seeds", type=int, default=4, help="cells of the study chunk (1 case, one seed each)")
-    parser.add_argument("--generator-samples", type=int, default=2000, help="slices each cell's GAN trains on")
+    parser.add_argument("--generator-samples", type=int, default=1000, help="slices each cell's GAN trains on")
     parser.add_argument("--only", choices=["study", "cv"], help="run one of the two")
     parser.add_argument("--out", type=Path, default=Path("bench/engine_speedup_cpu_2cores_fp32.json"))
     args = parser.parse_args()
