@@ -6,8 +6,8 @@ inference and generation speed. Not part of the test suite.
 Prints a table and writes JSON with the hardware, versions and settings. Both training
 pipelines use the same patients, model (U-Net / resnet18), batch size and image size:
 
-* ours: ``lib.train.fit`` (slices cached once in compact in-memory arrays, batched
-  on-device augmentation, channels-last, mixed precision where `lib.env.amp_dtype` gives
+* ours: ``lib.seg.train.fit`` (slices cached once in compact in-memory arrays, batched
+  on-device augmentation, channels-last, mixed precision where `lib.common.env.amp_dtype` gives
   one: bf16 on GPUs and on CPUs with native bf16);
 * baseline: a torch ``Dataset`` that reads and resizes each slice from NIfTI per item
   (nibabel + per-volume normalisation), ``DataLoader``, per-sample flips, fp32.
@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.step_variants import pure_step_seconds  # noqa: E402
-from lib import diffusion, vae  # noqa: E402
-from lib.env import amp_dtype, get_device, hardware  # noqa: E402
-from lib.forward import predict_probs  # noqa: E402
-from lib.inference import probs_to_volume  # noqa: E402
-from lib.models import ModelConfig, build_model  # noqa: E402
-from lib.msd import read_task  # noqa: E402
-from lib.slices import SliceConfig, build_cache, load_slices  # noqa: E402
-from lib.train import TrainConfig, fit, loss_fn  # noqa: E402
+from lib.common.env import amp_dtype, get_device, hardware  # noqa: E402
+from lib.data.slices import SliceConfig, build_cache, load_slices  # noqa: E402
+from lib.data.task import read_task  # noqa: E402
+from lib.seg.forward import predict_probs  # noqa: E402
+from lib.seg.inference import probs_to_volume  # noqa: E402
+from lib.seg.models import ModelConfig, build_model  # noqa: E402
+from lib.seg.train import TrainConfig, fit, loss_fn  # noqa: E402
+from lib.synth import diffusion, vae  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task02_Heart_dev"
 
@@ -139,7 +139,7 @@ def baseline_training(cases, size: int, steps: int, batch: int, device: torch.de
 
 def our_training(cache_dir: Path, ids: list[str], val_ids: list[str], size: int, steps: int, batch: int,
                  device: torch.device) -> dict:
-    """lib.train.fit for two short epochs of ``steps`` steps; the second epoch is measured."""
+    """lib.seg.train.fit for two short epochs of ``steps`` steps; the second epoch is measured."""
     train = load_slices(cache_dir, ids)
     train = train.subset(np.arange(min(len(train), steps * batch)))
     val = load_slices(cache_dir, val_ids[:1])

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.atomic import write_json  # noqa: E402
-from lib.env import git_sha, hardware  # noqa: E402
-from lib.paths import PROJECT_ROOT  # noqa: E402
+from lib.common.atomic import write_json  # noqa: E402
+from lib.common.env import git_sha, hardware  # noqa: E402
+from lib.common.paths import PROJECT_ROOT  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:

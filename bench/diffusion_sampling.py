@@ -8,7 +8,7 @@ of a notebook-05 run folder, draws ``--n`` new masks from the shape model fitted
 does (training patients of the run's split, seed 0), generates their images with every
 combination of ``--steps`` (DDIM steps) and ``--eta`` (0: deterministic DDIM, the model's
 sampler; 1: DDPM-like noise at every step) and scores all of them in one quality table
-(:func:`lib.synth_quality.quality_table`, against the run's validation and test slices), with
+(:func:`lib.synth.quality.quality_table`, against the run's validation and test slices), with
 the seconds each setting took. Sampling only: nothing is trained. Not part of the test suite.
 """
 
@@ -26,11 +26,12 @@ from monai.networks.schedulers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import diffusion, segment, shapes, synth_quality  # noqa: E402
-from lib.atomic import read_json, write_json  # noqa: E402
-from lib.env import hardware  # noqa: E402
-from lib.pipeline import prepare_run  # noqa: E402
-from lib.slices import concat  # noqa: E402
+from lib.common.atomic import read_json, write_json  # noqa: E402
+from lib.common.env import hardware  # noqa: E402
+from lib.data.run import prepare_run  # noqa: E402
+from lib.data.slices import concat  # noqa: E402
+from lib.seg import workflow  # noqa: E402
+from lib.synth import diffusion, quality, shapes  # noqa: E402
 
 STEP = DDIMScheduler.step
 
@@ -58,7 +59,7 @@ def main() -> None:
                                         shapes.ShapeModelConfig(variance_kept=args.shape_variance, seed=0))
     new_masks = shape_model.sample(args.n, seed=0)
     model, cfg, history = diffusion.load_diffusion(args.run_dir / "generators" / "diffusion" / diffusion.CHECKPOINT_NAME)
-    unet, _ = segment.reload_model(run, "unet", "cpu", single_slice=True)
+    unet, _ = workflow.reload_model(run, "unet", "cpu", single_slice=True)
     pairs, seconds = {}, {}
     for eta in args.eta:
         for steps in args.steps:
@@ -70,8 +71,8 @@ def main() -> None:
             seconds[name] = time.perf_counter() - t0
             print(f"{name}: {seconds[name]:.0f} s", flush=True)
     DDIMScheduler.step = STEP
-    table = synth_quality.quality_table((images, masks), (held.images.astype(np.float32), held.masks), pairs,
-                                        segment.predict_masks_fn(unet, "cpu"), unet.encoder, new_masks=set(pairs))
+    table = quality.quality_table((images, masks), (held.images.astype(np.float32), held.masks), pairs,
+                                  workflow.predict_masks_fn(unet, "cpu"), unet.encoder, new_masks=set(pairs))
     for name, row in table.items():
         row["sample_seconds"] = seconds.get(name)
         print(name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})

@@ -26,15 +26,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import gan, segment, study, study_spec, vae  # noqa: E402
-from lib.atomic import write_json  # noqa: E402
-from lib.cross_validation import fold_jobs, run_folds  # noqa: E402
-from lib.engine import EngineConfig  # noqa: E402
-from lib.env import git_sha, hardware  # noqa: E402
-from lib.paths import PROJECT_ROOT  # noqa: E402
-from lib.pipeline import prepare_run  # noqa: E402
-from lib.shapes import ShapeModelConfig  # noqa: E402
-from lib.train import TrainConfig  # noqa: E402
+from lib.common.atomic import write_json  # noqa: E402
+from lib.common.engine import EngineConfig  # noqa: E402
+from lib.common.env import git_sha, hardware  # noqa: E402
+from lib.common.paths import PROJECT_ROOT  # noqa: E402
+from lib.data.run import prepare_run  # noqa: E402
+from lib.seg import workflow  # noqa: E402
+from lib.seg.cross_validation import fold_jobs, run_folds  # noqa: E402
+from lib.seg.train import TrainConfig  # noqa: E402
+from lib.study.analysis import setting_label  # noqa: E402
+from lib.study.design import design_run, make_design  # noqa: E402
+from lib.study.run import calibrate_steps  # noqa: E402
+from lib.study.spec import run_spec, write_spec  # noqa: E402
+from lib.synth import gan, vae  # noqa: E402
+from lib.synth.shapes import ShapeModelConfig  # noqa: E402
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 CV_ARGS = ["-p", "preset", "cpu", "-p", "roi", "False", "-p", "image_size", "128", "-p", "epochs", "3",
@@ -66,24 +71,24 @@ def study_chunk(root: Path, seeds: int, generator_samples: int, cores: int) -> d
         folder = root / f"study_{name}"
         shutil.rmtree(folder, ignore_errors=True)
         run = prepare_run(str(SHARED / "Task04_Hippocampus"), folder, image_size=64, seed=0, progress=False)
-        design = study.make_design(run, n_test=40, n_val=10, n_real=[1], seeds=[seeds], strategies=["real", "mix"],
-                                   ablations=False)
-        srun = study.design_run(run, design)
+        design = make_design(run, n_test=40, n_val=10, n_real=[1], seeds=[seeds], strategies=["real", "mix"],
+                             ablations=False)
+        srun = design_run(run, design)
         common = {"image_size": 64, "in_channels": 1, "num_classes": run.task.num_classes}
-        model_cfg, train_cfg = segment.model_config(srun, "unet"), TrainConfig(samples_per_epoch=128, patience=None)
-        spec = study_spec.write_spec(run, design, model_cfg, train_cfg, gan.SPADEGANConfig(**common, epochs=1),
-                                     vae.VAEConfig(**common, epochs=1), shape_cfg=ShapeModelConfig(),
-                                     generator_samples=generator_samples, max_epochs=10, device="cpu")
+        model_cfg, train_cfg = workflow.model_config(srun, "unet"), TrainConfig(samples_per_epoch=128, patience=None)
+        spec = write_spec(run, design, model_cfg, train_cfg, gan.SPADEGANConfig(**common, epochs=1),
+                          vae.VAEConfig(**common, epochs=1), shape_cfg=ShapeModelConfig(),
+                          generator_samples=generator_samples, max_epochs=10, device="cpu")
         if steps_file is None:
-            study.calibrate_steps(srun, design, model_cfg, train_cfg, max_epochs=10, progress=False)
+            calibrate_steps(srun, design, model_cfg, train_cfg, max_epochs=10, progress=False)
             steps_file = folder / "study" / "steps.json"
         else:
             shutil.copy(steps_file, folder / "study" / "steps.json")
-        (_, _, records), usage = measured(lambda spec=spec, engine=engine: study_spec.run_spec(spec, engine,
-                                                                                               progress=False))
+        (_, _, records), usage = measured(lambda spec=spec, engine=engine: run_spec(spec, engine,
+                                                                                    progress=False))
         by_setting: dict[str, list[float]] = {}
         for r in records:
-            by_setting.setdefault(study.setting_label(r), []).append(r["mean_dice"])
+            by_setting.setdefault(setting_label(r), []).append(r["mean_dice"])
         out[name] = usage | {"threads_per_job": int(engine.num_cpus), "cells": seeds, "records": len(records),
                              "mean_test_dice": {k: round(float(np.mean(v)), 4) for k, v in by_setting.items()}}
         print("study", name, out[name], flush=True)

@@ -5,8 +5,8 @@
 
 Runs the trainer's own pieces on random slices shaped like the ``cpu`` preset's input (2.5D
 crops): batched augmentation, forward + loss, backward, AdamW step, each timed separately
-(median over ``--steps`` after two warm-up steps), in fp32 and, where :func:`lib.env.amp_dtype`
-gives bf16 for the CPU, in bf16 too; the locator's 64 px step beside it; and torch.profiler's
+(median over ``--steps`` after two warm-up steps), in fp32 and, where
+:func:`lib.common.env.amp_dtype` gives bf16 for the CPU, in bf16 too; the locator's 64 px step beside it; and torch.profiler's
 operators that take most of one fp32 step. Not part of the test suite.
 """
 
@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.atomic import write_json  # noqa: E402
-from lib.augment import AugmentConfig, augment_batch  # noqa: E402
-from lib.env import amp_dtype, get_device, hardware  # noqa: E402
-from lib.models import ModelConfig, build_model  # noqa: E402
-from lib.roi import LOCATOR_SIZE, locator_config  # noqa: E402
-from lib.train import loss_fn  # noqa: E402
+from lib.common.atomic import write_json  # noqa: E402
+from lib.common.env import amp_dtype, get_device, hardware  # noqa: E402
+from lib.seg.augment import AugmentConfig, augment_batch  # noqa: E402
+from lib.seg.models import ModelConfig, build_model  # noqa: E402
+from lib.seg.roi import LOCATOR_SIZE, locator_config  # noqa: E402
+from lib.seg.train import loss_fn  # noqa: E402
 
 
 def step_parts(model_cfg: ModelConfig, size: int, batch: int, device: torch.device, dtype: torch.dtype | None,

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.env import get_device, hardware  # noqa: E402
-from lib.models import ModelConfig, build_model  # noqa: E402
-from lib.train import loss_fn  # noqa: E402
+from lib.common.env import get_device, hardware  # noqa: E402
+from lib.seg.models import ModelConfig, build_model  # noqa: E402
+from lib.seg.train import loss_fn  # noqa: E402
 
 LIGHT = {"decoder_channels": [128, 64, 32, 16, 8]}
 VARIANTS = {  # name: (decoder options, bf16 autocast, channels-last, image size factor)

@@ -8,12 +8,12 @@ and the generators of notebook 05 (their settings are the study's), it times the
 work on the study's own slices with the real code paths: one segmenter epoch
 (``samples_per_epoch`` slices and the validation pass), scoring one condition on the test
 patients, one slice of image-generator and of VAE training, and one latent-segmenter step.
-It multiplies them by :func:`lib.study.study_workload` of the records (what the study trained,
+It multiplies them by :func:`lib.study.cost.study_workload` of the records (what the study trained,
 calibration included), which gives the study's cost for the conditions recorded so far and, scaled
 by the design's number of conditions, for the whole grid. Sampling and filtering the synthetic
 pairs are not timed (a few per cent). ``--workers``: the grid's wall-clock when its cells run as
-jobs of :mod:`lib.engine` on that many workers of ``--threads`` torch threads each (the
-calibration first, then the cells longest first, :func:`lib.study.makespan`), assuming each
+jobs of :mod:`lib.common.engine` on that many workers of ``--threads`` torch threads each (the
+calibration first, then the cells longest first, :func:`lib.study.cost.makespan`), assuming each
 worker has its own cores, as on a machine with ``workers x threads`` cores or a cluster.
 Not part of the test suite.
 """
@@ -34,12 +34,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import gan, segment, study, vae  # noqa: E402
-from lib.atomic import read_json, write_json  # noqa: E402
-from lib.env import hardware  # noqa: E402
-from lib.forward import predict_probs  # noqa: E402
-from lib.pipeline import prepare_run  # noqa: E402
-from lib.train import TrainConfig, fit  # noqa: E402
+from lib.common.atomic import read_json, write_json  # noqa: E402
+from lib.common.env import hardware  # noqa: E402
+from lib.data.run import prepare_run  # noqa: E402
+from lib.seg import workflow  # noqa: E402
+from lib.seg.forward import predict_probs  # noqa: E402
+from lib.seg.train import TrainConfig, fit  # noqa: E402
+from lib.study import latent  # noqa: E402
+from lib.study.cost import (  # noqa: E402
+    calibration_workload,
+    cell_workload,
+    grid_workload,
+    makespan,
+    study_workload,
+)
+from lib.study.design import StudyDesign, read_design  # noqa: E402
+from lib.study.run import read_steps  # noqa: E402
+from lib.synth import gan, vae  # noqa: E402
 
 UNITS = {"segmenter_epochs": "segmenter_epoch", "conditions": "condition_scoring", "generator_slices": "generator_slice",
          "vae_slices": "vae_slice", "latent_steps": "latent_step"}  # workload count: its unit time
@@ -53,7 +64,7 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: int, device: str) -> dict[str, float]:
+def unit_seconds(run_dir: Path, design: StudyDesign, samples_per_epoch: int, device: str) -> dict[str, float]:
     """Seconds of each unit of the study's work, on the cell (1 real patient, seed 0) of ``run_dir``."""
     meta = read_json(run_dir / "run.json")
     run = prepare_run(meta["task_dir"], run_dir, image_size=meta["image_size"], seed=0, progress=False)
@@ -64,7 +75,7 @@ def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: in
     gan_cfg = gan.load_gan(run_dir / "generators" / "spade_gan" / "spade_gan.pt")[1]
     vae_model, vae_cfg, _ = vae.load_vae(run_dir / "generators" / "vae" / vae.CHECKPOINT_NAME)
     cfg = TrainConfig(samples_per_epoch=samples_per_epoch, epochs=2, patience=None, device=device)
-    model_cfg = segment.model_config(srun, "unet")
+    model_cfg = workflow.model_config(srun, "unet")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(real, val, model_cfg, replace(cfg, epochs=1), Path(tmp) / "warm", srun.data_settings(),
@@ -76,9 +87,9 @@ def unit_seconds(run_dir: Path, design: study.StudyDesign, samples_per_epoch: in
                                                              device=device, progress=False), device) / len(real)
         out["vae_slice"] = timed(lambda: vae.train_vae(images, masks, replace(vae_cfg, epochs=1, time_budget_min=None),
                                                        device=device, progress=False), device) / len(real)
-        out["latent_step"] = timed(lambda: vae.train_latent_segmenter(vae_model, images, masks, steps=20,
-                                                                      batch_size=cfg.batch_size, device=device,
-                                                                      progress=False), device) / 20
+        out["latent_step"] = timed(lambda: latent.train_latent_segmenter(
+            vae_model, images, masks, steps=20, batch_size=cfg.batch_size, device=device, progress=False),
+            device) / 20
     return out
 
 
@@ -102,11 +113,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report: dict = {"threads": torch.get_num_threads(), "studies": {}}
     for run_dir in args.run_dirs:
-        design = study.read_design(run_dir / "study" / "design.json")
+        design = read_design(run_dir / "study" / "design.json")
         records = read_json(run_dir / "study" / "results.json") if (run_dir / "study" / "results.json").is_file() else []
-        steps = study.read_steps(run_dir / "study" / "steps.json")
-        work = {"recorded": study.study_workload(records, steps),
-                "full grid": study.grid_workload(design, steps, args.generator_samples)}
+        steps = read_steps(run_dir / "study" / "steps.json")
+        work = {"recorded": study_workload(records, steps),
+                "full grid": grid_workload(design, steps, args.generator_samples)}
         entry = {"dataset": design.dataset, "design": design.id, "workload": work}
         for name, amp in [("fp32", "0"), ("bf16", "1")]:
             os.environ["MSDSEG_AMP"] = amp
@@ -114,11 +125,11 @@ def main() -> None:
             hours = {k: cost(w, unit) for k, w in work.items()}
             entry[name] = {"hardware": hardware(), "unit_seconds": unit} | {f"hours, {k}": h for k, h in hours.items()}
             if args.workers:
-                calibration = cost(study.calibration_workload(steps), unit)
-                cells = [cost(study.cell_workload(design, n, steps, args.generator_samples), unit)
+                calibration = cost(calibration_workload(steps), unit)
+                cells = [cost(cell_workload(design, n, steps, args.generator_samples), unit)
                          for n, _ in design.cells()]
                 entry[name]["wall-clock hours of the full grid by workers"] = {
-                    w: calibration + study.makespan(cells, w) for w in args.workers}
+                    w: calibration + makespan(cells, w) for w in args.workers}
             print(run_dir.name, name, json.dumps(entry[name], indent=1))
         report["studies"][run_dir.name] = entry
     write_json(args.out, report)

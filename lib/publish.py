@@ -21,9 +21,19 @@ import nbformat
 import pandas as pd
 from PIL import Image
 
-from lib.atomic import read_json, write_text, write_with
-from lib.diary import RUN_LOG
-from lib.paths import PROJECT_ROOT, relative_paths
+from lib.common import viz
+from lib.common.atomic import read_json, write_text, write_with
+from lib.common.diary import RUN_LOG
+from lib.common.paths import PROJECT_ROOT, relative_paths
+from lib.seg.tables import comparison_table, cross_validation_table, paired_differences
+from lib.study.analysis import (
+    steps_figure,
+    study_conclusions,
+    study_figure,
+    study_table,
+    write_summary,
+)
+from lib.study.design import read_design
 
 RESULTS_ROOT = PROJECT_ROOT / "results"
 MAX_FILE_BYTES = 5 * 2**20  # GitHub renders notebooks and images of this size comfortably
@@ -153,7 +163,7 @@ def publish(run_dir: str | Path, dataset: str | None = None, results_root: str |
     for path in _matches(run_dir, RECORDS):
         written.append(write_text(out / published_path(path.relative_to(run_dir)),
                                   relative_paths(path.read_text(encoding="utf-8"))))
-    log = run_dir / RUN_LOG  # the automatic entries of lib.diary
+    log = run_dir / RUN_LOG  # the automatic entries of lib.common.diary
     if log.is_file():
         written.append(write_text(out / RUN_LOG, merged_run_log(out / RUN_LOG, relative_paths(log.read_text(
             encoding="utf-8")))))
@@ -177,8 +187,6 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
     Raises:
         FileNotFoundError: ``root`` holds no ``cross_validation.csv``.
     """
-    from lib.segment import cross_validation_table
-
     root = Path(root)
     if not (root / "cross_validation.csv").is_file():
         raise FileNotFoundError(f"{root}: no cross_validation.csv; run tools/cross_validate.py first")
@@ -222,7 +230,7 @@ def publish_cross_validation(root: str | Path, name: str, dataset: str, results_
 
 def _fold_hardware(fold: Path, name: str) -> str:
     """Hardware and precision of a fold's training: its ``fit.json``, else the environment line its
-    executed notebook printed (``lib.env.print_env``)."""
+    executed notebook printed (``lib.common.env.print_env``)."""
     fit = fold / name / "fit.json"
     if fit.is_file() and "hardware" in (record := read_json(fit)):
         return str(record["hardware"])
@@ -246,19 +254,19 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     Raises:
         FileNotFoundError: ``run_dir`` holds no study (``study/design.json``, ``steps.json``).
     """
-    from lib import study, viz
+    from lib.study.run import load_records, read_steps  # the study's runner: torch, only here
 
     run_dir = Path(run_dir)
     src = run_dir / "study"
     if not (src / "design.json").is_file() or not (src / "steps.json").is_file():
         raise FileNotFoundError(f"{src}: no study design and steps; run notebook 05 with study_n_real first")
-    design = study.read_design(src / "design.json")
-    steps = study.read_steps(src / "steps.json")
-    records = study.load_records(src / "results.json", design)
-    conclusions = study.study_conclusions(records)
-    study.write_summary(src, design, conclusions, steps)
-    viz.save_figure(study.study_figure(records, conclusions), src / "study.png")
-    viz.save_figure(study.steps_figure(steps), src / "steps.png")
+    design = read_design(src / "design.json")
+    steps = read_steps(src / "steps.json")
+    records = load_records(src / "results.json", design)
+    conclusions = study_conclusions(records)
+    write_summary(src, design, conclusions, steps)
+    viz.save_figure(study_figure(records, conclusions), src / "study.png")
+    viz.save_figure(steps_figure(steps), src / "steps.png")
     out = Path(results_root) / (dataset or read_json(run_dir / "run.json")["task"]) / "study"
     written = [write_text(out / name, relative_paths((src / name).read_text(encoding="utf-8")))
                for name in STUDY_RECORDS if (src / name).is_file()]
@@ -283,8 +291,6 @@ def _ids(patients: Iterable[str], shown: int = 10) -> str:
 def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dict[str, Any]],
                 conclusions: pd.DataFrame, command: str | None = None, *, notebook: bool = False) -> str:
     """The study folder's README.md: design, progress, steps, results table, verdicts, figures."""
-    from lib.study import study_table
-
     planned = sum(len(design.conditions(n)) for n, _ in design.cells())
     state = "complete" if len(records) >= planned else "in progress (resumable: the same command continues it)"
     lines = [f"# Synthetic-data study: {design.dataset}", "",
@@ -343,12 +349,7 @@ def merged_run_log(published: Path, new: str) -> str:
 def index_page(run_dir: Path, out: Path, dataset: str, command: str | None = None) -> str:
     """The results folder's README.md: how it was made, headline tables, links to everything
     (the run log among them)."""
-    from lib.evaluate import class_table
-    from lib.segment import (  # the segmentation workflow is the reader here
-        comparison_table,
-        paired_differences,
-    )
-    from lib.study import study_conclusions, study_table
+    from lib.seg.evaluate import class_table  # the evaluation: torch, only here
 
     lines = [f"# Results: {dataset}", "",
              f"Published by `python tools/publish_results.py {relative_paths(str(run_dir.resolve()))}` from a real run "

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from lib.atomic import atomic_path, clean_stale_temps, read_json, update_json, write_json
+from lib.common.atomic import atomic_path, clean_stale_temps, read_json, update_json, write_json
 
 
 def _dead_pid() -> int:

@@ -2,7 +2,7 @@
 
 import torch
 
-from lib.augment import AugmentConfig, augment_batch, lateral_pairs
+from lib.seg.augment import AugmentConfig, augment_batch, lateral_pairs
 
 
 def test_left_right_label_pairs_are_found_by_name():

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from lib import train as train_mod
-from lib.checkpoint import (
+from lib.data.slices import SliceConfig, build_cache, load_slices
+from lib.data.task import read_task
+from lib.seg import train as train_mod
+from lib.seg.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     load_model,
     read_checkpoint,
     save_checkpoint,
 )
-from lib.models import ModelConfig, build_model
-from lib.msd import read_task
-from lib.slices import SliceConfig, build_cache, load_slices
-from lib.train import TrainConfig, fit
+from lib.seg.models import ModelConfig, build_model
+from lib.seg.train import TrainConfig, fit
 from tests.helpers import make_task
 
 DATA = {"image_size": 32, "num_classes": 2}

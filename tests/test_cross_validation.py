@@ -8,8 +8,8 @@ import functools
 import nbformat
 import pytest
 
-from lib.cross_validation import fold_jobs, run_folds
-from lib.engine import EngineConfig
+from lib.common.engine import EngineConfig
+from lib.seg.cross_validation import fold_jobs, run_folds
 from tests.helpers import exit_once, make_task
 
 FAKE_FOLD = '''

@@ -3,9 +3,9 @@ import tarfile
 
 import pytest
 
-from lib.data_source import resolve_task
-from lib.msd import MSDDataError
-from lib.pipeline import prepare_run
+from lib.data.run import prepare_run
+from lib.data.source import resolve_task
+from lib.data.task import MSDDataError
 from tests.helpers import make_task
 
 

@@ -1,4 +1,4 @@
-"""Tests for the embedded demo dataset (lib/demo.py)."""
+"""Tests for the embedded demo dataset (lib/data/demo.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib import demo
-from lib.demo import DEMO_TASK_NAME, make_demo_task
+from lib.data import demo
+from lib.data.demo import DEMO_TASK_NAME, make_demo_task
 
 SMALL = {"n_patients": 2, "shape": (48, 48, 24)}
 

@@ -5,8 +5,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from lib.diary import RUN_LOG, append_entry, format_entry, run_folder
-from lib.paths import PROJECT_ROOT
+from lib.common.diary import RUN_LOG, append_entry, format_entry, run_folder
+from lib.common.paths import PROJECT_ROOT
 
 DIARY = PROJECT_ROOT / "diary.md"
 

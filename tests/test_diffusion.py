@@ -1,4 +1,4 @@
-"""Tests for lib.diffusion on tiny synthetic disc data (32x32, CPU)."""
+"""Tests for lib.synth.diffusion on tiny synthetic disc data (32x32, CPU)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from lib.diffusion import (
+from lib.synth.diffusion import (
     CHECKPOINT_NAME,
     DiffusionConfig,
     MaskDDPM,
     _set_trailing_timesteps,
-    deform_masks,
     generate_images,
     load_diffusion,
     sample_masks,
     sample_pairs,
     train_diffusion,
 )
-from lib.generative import TrainingCollapsed, config_from_dict
+from lib.synth.generative import TrainingCollapsed, config_from_dict
+from lib.synth.masks import deform_masks
 from tests import helpers
 
 SIZE = 32

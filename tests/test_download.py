@@ -1,4 +1,4 @@
-"""Tests for lib.download: MSD archive download, checksum, and safe extraction."""
+"""Tests for lib.data.download: MSD archive download, checksum, and safe extraction."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import pytest
 
-from lib.download import MSD_TASKS, download_msd_task, safe_extract
+from lib.data.download import MSD_TASKS, download_msd_task, safe_extract
 
 TASK = "Task04_Hippocampus"
 

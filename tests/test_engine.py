@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lib.engine import EngineConfig, Job, run_jobs
+from lib.common.engine import EngineConfig, Job, run_jobs
 from tests.helpers import exit_once
 
 RAY = EngineConfig("ray", num_cpus=1, max_retries=1)
@@ -76,7 +76,7 @@ def test_a_job_that_fails_every_try_is_reported_by_name_and_the_others_go_on(cfg
 
 
 def test_a_folder_the_workers_cannot_see_is_refused_before_anything_runs(tmp_path, monkeypatch):
-    from lib import engine
+    from lib.common import engine
 
     monkeypatch.setattr(engine, "_sees", lambda path, token: False)  # as a node without the shared disk
     with pytest.raises(RuntimeError, match="not visible from Ray node.*shared"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib import env
+from lib.common import env
 
 
 @pytest.mark.parametrize("capability, dtype", [

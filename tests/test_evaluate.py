@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lib.evaluate import evaluate, metrics_table, postprocessing_table
-from lib.inference import probs_to_volume
-from lib.metrics import dice, summarise
-from lib.models import ModelConfig, build_model
-from lib.msd import read_task
-from lib.slices import CaseMeta, SliceConfig, build_cache, load_slices, to_slices
-from lib.viz import patient_gif, patient_grid
+from lib.common.viz import patient_gif, patient_grid
+from lib.data.slices import CaseMeta, SliceConfig, build_cache, load_slices, to_slices
+from lib.data.task import read_task
+from lib.seg.evaluate import evaluate, metrics_table, postprocessing_table
+from lib.seg.inference import probs_to_volume
+from lib.seg.metrics import dice, summarise
+from lib.seg.models import ModelConfig, build_model
 from tests.helpers import make_task
 
 
@@ -151,7 +151,7 @@ def test_figures_and_gif(test_set, tmp_path):
 
 
 def test_class_table_scores_each_class_on_its_own():
-    from lib.evaluate import class_table
+    from lib.seg.evaluate import class_table
 
     def case(d1, d2, h2):
         return {"per_label": {"1": {"dice": d1, "iou": d1, "hd95": 2.0, "true_volume_ml": 1.0},

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lib import gan
-from lib.generative import TrainingCollapsed
+from lib.synth import gan
+from lib.synth.generative import TrainingCollapsed
 from tests.helpers import make_discs
 
 SIZE = 32

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib import generative
-from lib.generative import (
+from lib.synth import generative
+from lib.synth.generative import (
     Generative,
     GeneratorConfig,
     Step,

@@ -8,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import segment
-from lib.data_source import resolve_task
-from lib.images2d import (
+from lib.data.images2d import (
     from_volume_axes,
     read_image,
     read_image_folder,
@@ -18,14 +16,16 @@ from lib.images2d import (
     to_volume_axes,
     write_mask,
 )
-from lib.inference import probs_to_volume
-from lib.metrics import score_case
-from lib.msd import MSDDataError
-from lib.pipeline import prepare_run
-from lib.predict import predict
-from lib.slices import CaseMeta, SliceConfig, to_slices
-from lib.train import TrainConfig
-from lib.volumes import load_volume
+from lib.data.run import prepare_run
+from lib.data.slices import CaseMeta, SliceConfig, to_slices
+from lib.data.source import resolve_task
+from lib.data.task import MSDDataError
+from lib.data.volumes import load_volume
+from lib.seg import workflow
+from lib.seg.inference import probs_to_volume
+from lib.seg.metrics import score_case
+from lib.seg.predict import predict
+from lib.seg.train import TrainConfig
 
 
 def disc_image(h: int, w: int, rng: np.random.Generator, colour: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -147,17 +147,17 @@ def test_a_run_on_an_image_folder_predicts_new_images_at_their_own_size(tmp_path
                       progress=False)
     assert run.context == 0 and run.slice_cfg.fit and not run.slice_cfg.roi and run.piece_thresholds == {1: 0.5}
     cfg = TrainConfig(epochs=1, batch_size=4, augment=None, device="cpu", patience=None)
-    segment.train_model(run, "unet", segment.model_config(run, "unet", encoder_depth=3,
-                        decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
-    model, meta = segment.reload_model(run, "unet")
-    metrics = segment.test_model(run, "unet", model, meta)
+    workflow.train_model(run, "unet", workflow.model_config(run, "unet", encoder_depth=3,
+                         decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
+    model, meta = workflow.reload_model(run, "unet")
+    metrics = workflow.test_model(run, "unet", model, meta)
     case = run.split["test"][0]
     for key in ("dice", "iou", "hd95", "pixel_accuracy", "cross_entropy", "pred_area"):
         assert np.isfinite(metrics["cases"][case][key]) or key == "hd95"
     evaluated = run.run_dir / "unet" / "predictions" / f"{case}.png"
     size = Image.open(root / "images" / f"{case}.png").size
     assert Image.open(evaluated).size == size
-    _, gif, _ = segment.show_patient(run, "unet", model, tta=True)  # post-processed per image
+    _, gif, _ = workflow.show_patient(run, "unet", model, tta=True)  # post-processed per image
     assert gif.is_file()
 
     new = tmp_path / "new"

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from lib.paths import PROJECT_ROOT
+from lib.common.paths import PROJECT_ROOT
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|<img[^>]+src=\"([^\"]+)\"")
 DOCS = ["README.md", "diary.md"] + sorted(p.relative_to(PROJECT_ROOT).as_posix()

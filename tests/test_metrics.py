@@ -1,4 +1,4 @@
-"""Tests for lib.metrics against hand-computed cases."""
+"""Tests for lib.seg.metrics and lib.common.statistics against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lib.metrics import (
+from lib.common.statistics import (
     crossed_bootstrap,
+    paired_bootstrap,
+    seed_t_interval,
+    seeds_for_power,
+)
+from lib.seg.metrics import (
     dice,
     dice_from_counts,
     hd95,
     iou,
-    paired_bootstrap,
     per_slice_dice,
     score_case,
-    seed_t_interval,
-    seeds_for_power,
     summarise,
     volume_ml,
 )

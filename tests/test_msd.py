@@ -5,8 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.msd import MSDDataError, read_task
-from lib.volumes import load_volume
+from lib.data.task import MSDDataError, read_task
+from lib.data.volumes import load_volume
 from tests.helpers import blob_case, make_task, write_task
 
 

@@ -20,8 +20,8 @@ import papermill as pm
 import pytest
 import tomllib
 
-from lib import paths
-from lib.paths import PROJECT_ROOT
+from lib.common import paths
+from lib.common.paths import PROJECT_ROOT
 
 NB_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = sorted(p.stem for p in NB_DIR.glob("*.ipynb"))
@@ -194,7 +194,7 @@ def test_papermill_run_with_injected_parameters(tmp_path):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_every_preset_sets_the_parameters_left_to_it(name):
     """A parameter whose default is "from the preset" (None) gets a value from every preset."""
-    from lib.presets import PRESETS
+    from lib.common.presets import PRESETS
 
     params = next(c for c in cells(name, "code") if is_parameters(c)).source
     left = [line.split(" = ")[0] for line in params.splitlines() if "from the preset" in line]

@@ -1,11 +1,11 @@
-"""Tests for lib.postprocess."""
+"""Tests for lib.seg.postprocess."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lib.postprocess import flip_tta, keep_largest_component
+from lib.seg.postprocess import flip_tta, keep_largest_component
 
 
 def test_keep_largest_component_per_label() -> None:

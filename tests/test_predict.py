@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import segment
-from lib.msd import MSDDataError, from_canonical, read_task, to_canonical
-from lib.pipeline import prepare_run
-from lib.postprocess import piece_thresholds, remove_small_pieces
-from lib.predict import MANIFEST, Predictor, _check_modality, find_inputs, main, predict
-from lib.slices import ct_window_from_data
-from lib.train import TrainConfig
+from lib.data.nifti import from_canonical, to_canonical
+from lib.data.run import prepare_run
+from lib.data.slices import ct_window_from_data
+from lib.data.task import MSDDataError, read_task
+from lib.seg import workflow
+from lib.seg.postprocess import piece_thresholds, remove_small_pieces
+from lib.seg.predict import MANIFEST, Predictor, _check_modality, find_inputs, main, predict
+from lib.seg.train import TrainConfig
 from tests.helpers import blob_case, make_task, write_task
 
 
@@ -28,10 +29,10 @@ def trained(tmp_path_factory):
     run = prepare_run(str(make_task(tmp / "Task98_Pred", 5, shape=(40, 36, 6))), tmp / "run",
                       image_size=32, seed=0, context=1, spacing="median", progress=False)
     cfg = TrainConfig(epochs=2, batch_size=8, augment=None, device="cpu", patience=None)
-    segment.train_model(run, "unet", segment.model_config(run, "unet", encoder_depth=3,
-                        decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
-    model, meta = segment.reload_model(run, "unet")
-    segment.test_model(run, "unet", model, meta)
+    workflow.train_model(run, "unet", workflow.model_config(run, "unet", encoder_depth=3,
+                         decoder={"decoder_channels": [32, 16, 8]}), cfg, progress=False)
+    model, meta = workflow.reload_model(run, "unet")
+    workflow.test_model(run, "unet", model, meta)
     return run, run.run_dir / "unet" / "best.pt"
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lib.presets import PRESETS, fill
+from lib.common.presets import PRESETS, fill
 
 
 def test_fill_takes_only_the_parameters_left_at_none():

@@ -10,7 +10,7 @@ from nbformat.v4 import new_code_cell, new_notebook, new_output
 from PIL import Image
 
 from lib import publish
-from lib.paths import PROJECT_ROOT
+from lib.common.paths import PROJECT_ROOT
 
 
 def noise_png(side: int, seed: int = 0) -> bytes:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from lib import segment
-from lib.inference import patient_probs
-from lib.pipeline import prepare_run
-from lib.predict import predict
-from lib.roi import LOCATOR_SIZE, Locator, box_around, crop, paste, sliding_window, tiles
-from lib.train import TrainConfig
+from lib.data.run import prepare_run
+from lib.seg import workflow
+from lib.seg.inference import patient_probs
+from lib.seg.predict import predict
+from lib.seg.roi import LOCATOR_SIZE, Locator, box_around, crop, paste, sliding_window, tiles
+from lib.seg.train import TrainConfig
 from tests.helpers import make_task
 
 
@@ -78,18 +78,18 @@ def test_roi_run_trains_a_locator_crops_and_segments_new_scans_from_the_checkpoi
     with pytest.raises(RuntimeError, match="train or load its locator first"):
         run.slices("train")
     cfg = TrainConfig(epochs=1, batch_size=8, augment=None, device="cpu", patience=None)
-    located = segment.train_locator(run, cfg, 0.5, progress=False)
+    located = workflow.train_locator(run, cfg, 0.5, progress=False)
     assert located.model is not None and set(run.boxes) == {c.case_id for c in run.task.cases}
     assert run.locator.model(torch.zeros(1, 1, LOCATOR_SIZE, LOCATOR_SIZE)).shape[-1] == LOCATOR_SIZE
     train = run.slices("train")
     assert train.images.shape[1:] == (3, 32, 32)
     case = run.split["train"][0]  # training patients are cropped around their labels: all of it inside
     assert run.slices("train").patient(case).masks.sum() == run.canvas_slices("train").patient(case).masks.sum()
-    model_cfg = segment.model_config(run, "unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
-    segment.train_model(run, "unet", model_cfg, cfg, progress=False)
-    model, meta = segment.reload_model(run, "unet")
+    model_cfg = workflow.model_config(run, "unet", encoder_depth=3, decoder={"decoder_channels": [32, 16, 8]})
+    workflow.train_model(run, "unet", model_cfg, cfg, progress=False)
+    model, meta = workflow.reload_model(run, "unet")
     assert meta["locator"]["size"] == 32 and meta["data"]["slice_config"]["roi"] is True
-    metrics = segment.test_model(run, "unet", model, meta)
+    metrics = workflow.test_model(run, "unet", model, meta)
     assert set(metrics["cases"]) == set(run.split["test"])
     test_case = run.task.case(run.split["test"][0])
     table = predict(run.run_dir / "unet" / "best.pt", test_case.image, tmp_path / "new", progress=False)

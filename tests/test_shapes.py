@@ -1,4 +1,4 @@
-"""Tests of the statistical shape model (lib/shapes.py)."""
+"""Tests of the statistical shape model (lib/synth/shapes.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lib.shapes import (
+from lib.synth.shapes import (
     ShapeModel,
     ShapeModelConfig,
     fit_shape_model,

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from lib.msd import read_task
-from lib.slices import SliceConfig, build_cache, load_slices
-from lib.splits import make_split
-from lib.volumes import load_volume
+from lib.data.slices import SliceConfig, build_cache, load_slices
+from lib.data.splits import make_split
+from lib.data.task import read_task
+from lib.data.volumes import load_volume
 from tests.helpers import SHARED
 
 pytestmark = pytest.mark.shared_data  # reads ../shared/data; skipped where absent

@@ -4,8 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from lib.msd import MSDDataError, read_task
-from lib.slices import (
+from lib.data.slices import (
     SliceConfig,
     build_cache,
     cache_dir_for,
@@ -15,6 +14,7 @@ from lib.slices import (
     to_slices,
     with_context,
 )
+from lib.data.task import MSDDataError, read_task
 from tests.helpers import make_task
 
 
@@ -57,8 +57,8 @@ def test_spacing_resamples_in_millimetres_onto_a_centred_canvas():
 
 
 def test_spacing_that_would_blow_up_memory_is_refused_before_loading(task, tmp_path):
-    from lib.msd import MSDDataError
-    from lib.slices import check_resampling
+    from lib.data.slices import check_resampling
+    from lib.data.task import MSDDataError
 
     cfg = SliceConfig(image_size=16, spacing=0.05)
     with pytest.raises(MSDDataError, match=r"img\.nii\.gz: resampling 512x512 .* choose a coarser spacing"):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lib.splits import check_split, make_folds, make_split, resolve_split
+from lib.data.splits import check_split, make_folds, make_split, resolve_split
 
 IDS = [f"la_{i:03d}" for i in range(20)]
 

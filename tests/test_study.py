@@ -7,15 +7,20 @@ import nbformat
 import numpy as np
 import pytest
 
-from lib import gan, segment, study
-from lib.engine import EngineConfig
-from lib.generative import TrainingCollapsed
-from lib.models import ModelConfig
-from lib.paths import PROJECT_ROOT
-from lib.pipeline import prepare_run
+from lib.common.engine import EngineConfig
+from lib.common.paths import PROJECT_ROOT
+from lib.data.run import prepare_run
 from lib.publish import publish_study
-from lib.train import TrainConfig
-from lib.vae import VAEConfig
+from lib.seg import workflow
+from lib.seg.models import ModelConfig
+from lib.seg.train import TrainConfig
+from lib.study import run as study_run
+from lib.study.analysis import power_table, setting_label, study_conclusions
+from lib.study.cost import grid_workload, makespan, study_workload
+from lib.study.design import GENERATORS, design_run, make_design
+from lib.synth import gan
+from lib.synth.generative import TrainingCollapsed
+from lib.synth.vae import VAEConfig
 from tests.helpers import exit_once, make_task
 
 SIZE = 32
@@ -42,7 +47,7 @@ SERIAL = EngineConfig("serial", num_cpus=1, max_retries=0)  # one thread, as eac
 
 
 def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
-    design = study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2])
+    design = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2])
     assert len(design.test) == 2 and len(design.val) == 1 and len(design.pool) == 3
     assert not set(design.test) & (set(design.val) | set(design.pool)) and not set(design.val) & set(design.pool)
     assert len({tuple(design.subset(1, s)) for s in range(3)}) == 3  # each seed another patient
@@ -51,30 +56,34 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
     assert strategies[0] == ("real", 0.0, None, None) and len(strategies) == 9
     assert ("mix", 2.0, "new", True) in strategies and ("mix", 1.0, "deformed", True) in strategies
     assert ("mix", 1.0, "new", False) in strategies and len(design.conditions(3)) == 5
-    assert design.id == study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
-    assert design.id != study.make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], seed=1).id
+    assert design.id == make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
+    assert design.id != make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], seed=1).id
     for kwargs, message in [({"n_real": [4]}, "cannot be drawn"), ({"ratio": 0.0}, "must be positive"),
                             ({"ablation_ratios": [-1.0]}, "must be positive"), ({"seeds": [1, 1]}, "seed count"),
                             ({"generator": "vae"}, "unknown generator"), ({"strategies": ["mix"]}, "include 'real'"),
                             ({"n_test": 5}, "no training pool")]:
         with pytest.raises(ValueError, match=message):
-            study.make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
+            make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
+
+
+def test_the_design_names_the_generators_the_run_trains():
+    assert set(study_run.IMAGE_GENERATORS) == set(GENERATORS)
 
 
 def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():
-    assert study.plateau_epoch([0.1, 0.5, 0.8, 0.9, 0.9, 0.9, 0.9]) == 6  # the first 3-epoch mean within 0.01 of the best
-    assert study.plateau_epoch([0.1, 0.2, 0.3, 0.4, 0.5]) == 5  # still rising: all epochs
-    assert study.plateau_epoch([0.7]) == 1
+    assert study_run.plateau_epoch([0.1, 0.5, 0.8, 0.9, 0.9, 0.9, 0.9]) == 6  # the first 3-epoch mean within 0.01 of the best
+    assert study_run.plateau_epoch([0.1, 0.2, 0.3, 0.4, 0.5]) == 5  # still rising: all epochs
+    assert study_run.plateau_epoch([0.7]) == 1
     with pytest.raises(ValueError):
-        study.plateau_epoch([])
+        study_run.plateau_epoch([])
 
 
 @pytest.mark.slow
 def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys,
                                                                                              tmp_path):
-    design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], filter_threshold=0.0)
-    srun = study.design_run(run, design)
-    steps = study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False)
+    design = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], filter_threshold=0.0)
+    srun = design_run(run, design)
+    steps = study_run.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False)
     assert steps[1]["steps"] == 2 * steps[1]["epochs"] and len(steps[1]["curve"]) == 3
     gen_cfg, vae_cfg = small_configs()
 
@@ -84,7 +93,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     other = other.subset(np.flatnonzero(other.case_ids != design.subset(1, 0)[0]))
     gan.train_gan(other.images.astype(np.float32), other.masks, gen_cfg, out_dir=cell / "spade_gan", progress=False)
     with pytest.raises(RuntimeError, match="1 of 1 study cell.*cell n=1 seed=0: ValueError.*other images/masks"):
-        study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False, engine=SERIAL)
+        study_run.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False, engine=SERIAL)
     shutil.rmtree(cell / "spade_gan")
     assert not (run.run_dir / "study" / "results.json").exists()  # the driver writes a cell's records at its end
     assert (cell / "seg" / "real_r0_None_u" / "fit.json").is_file()  # what the cell finished is kept for the retry
@@ -92,7 +101,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     capsys.readouterr()
 
     # the generators of a cell see this many slices: 2 epochs
-    samples = len(study._patients(srun.slices("train"), design.subset(1, 0))) + 1
+    samples = len(study_run._patients(srun.slices("train"), design.subset(1, 0))) + 1
 
     def discriminator_wins(self, row, history):  # a GAN that collapses in its 2nd epoch: the 1st is used
         if row["epoch"] == 2:
@@ -100,12 +109,12 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
 
     with monkeypatch.context() as m:
         m.setattr(gan.SPADEGAN, "check_epoch", discriminator_wins)
-        records = study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples,
-                                  engine=SERIAL)
+        records = study_run.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, generator_samples=samples,
+                                      engine=SERIAL)
     out = capsys.readouterr()
     assert "study cells" in out.err  # a progress bar over the grid, a line per condition
     assert "already finished" in out.out and "cell n=1 seed=0: real + spade_gan x2, test Dice" in out.out
-    labels = sorted(study.setting_label(r) for r in records)
+    labels = sorted(setting_label(r) for r in records)
     assert labels == sorted(["real only", "real + spade_gan x1", "spade_gan pre-training, real fine-tuning",
                              "spade_gan only", "VAE latent segmenter", "real + spade_gan x0.5", "real + spade_gan x2",
                              "real + spade_gan x1 (deformed shapes)", "real + spade_gan x1 (unfiltered)"])
@@ -128,16 +137,17 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
                                                           "steps.png", "study.png", "summary.json"]
     assert "9 of 9 conditions done: complete" in (published / "README.md").read_text()
 
-    monkeypatch.setattr(study, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
-    assert study.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False,
-                           engine=SERIAL) == records
-    assert study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3, progress=False) == steps
+    monkeypatch.setattr(study_run, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
+    assert study_run.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False,
+                               engine=SERIAL) == records
+    assert study_run.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=3,
+                                     progress=False) == steps
 
-    other_design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], seed=1)
+    other_design = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], seed=1)
     with pytest.raises(ValueError, match="holds study design"):
-        study.design_run(run, other_design)
+        design_run(run, other_design)
     with pytest.raises(ValueError, match="records of study design"):
-        study.load_records(run.run_dir / "study" / "results.json", replace(design, ratio=3.0))
+        study_run.load_records(run.run_dir / "study" / "results.json", replace(design, ratio=3.0))
 
 
 def test_workload_counts_calibration_conditions_and_each_cells_generators_once():
@@ -147,16 +157,16 @@ def test_workload_counts_calibration_conditions_and_each_cells_generators_once()
                rec | {"strategy": "pretrain", "generator_epochs": 3}, rec | {"strategy": "latent", "generator_epochs": 3},
                rec | {"strategy": "mix", "seed": 1, "generator_epochs": 3},
                rec | {"strategy": "mix", "n_real": 2, "n_real_slices": 20, "generator_epochs": 2}]
-    assert study.study_workload(records, steps) == {
+    assert study_workload(records, steps) == {
         "segmenter_epochs": 3 + 2 + 5 * 2, "latent_steps": 8, "conditions": 6,
         "generator_slices": 30 + 30 + 40, "vae_slices": 30}
 
 
 def test_grid_workload_counts_every_planned_condition(run):
-    design = study.make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1])
+    design = make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1])
     steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "epochs": 2, "steps": 8},
              2: {"curve": [[4, 0.1], [8, 0.3]], "epochs": 1, "steps": 4}}
-    work = study.grid_workload(design, steps, generator_samples=100)
+    work = grid_workload(design, steps, generator_samples=100)
     assert work == {"segmenter_epochs": 5 + 2 * 8 * 2 + 4 * 1, "latent_steps": 2 * 8 + 4, "conditions": 2 * 9 + 5,
                     "generator_slices": 300, "vae_slices": 300}
 
@@ -173,7 +183,7 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
         noisy = {p: d + (0.2 if i % 2 else -0.2) for i, (p, d) in enumerate(patients.items())}
         records.append(base | {"strategy": "synthetic_only", "generator": "spade_gan", "ratio": 1.0, "shapes": "new",
                                "filtered": True, "test_dice": noisy, "mean_dice": 0})
-    table = study.study_conclusions(records)
+    table = study_conclusions(records)
     helps = table.loc[(1, "real + spade_gan x1")]
     assert helps["delta_dice_points"] == pytest.approx(10.0) and helps["pairs"] == 12 and helps["seeds"] == 3
     # primary: t over the seeds' mean gains 9, 10, 11 points (10 +- 4.30 * 1 / sqrt(3)); both intervals above 0
@@ -182,7 +192,7 @@ def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond
     unclear = table.loc[(1, "spade_gan only")]  # every seed's mean is 0, but the patients spread by +-20 points
     assert unclear["ci_low"] == pytest.approx(0) and unclear["boot_low"] < -5 and unclear["boot_high"] > 5
     assert unclear["verdict"] == "no clear difference"
-    assert set(study.study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
+    assert set(study_conclusions(records, min_seeds=4)["verdict"]) == {"too few seeds"}
 
 
 @pytest.mark.slow
@@ -192,14 +202,15 @@ def test_the_demo_study_trains_real_only_to_a_dice_that_means_something(tmp_path
     p: dict = {}
     exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), p)
     run = prepare_run("demo", tmp_path / "run", image_size=p["image_size"] or 64, seed=p["seed"], progress=False)
-    design = study.make_design(run, n_test=p["study_test_patients"], n_val=p["study_val_patients"],
-                               n_real=p["study_n_real"], seeds=p["study_seeds"], strategies=["real"], seed=p["seed"])
-    srun = study.design_run(run, design)
-    model_cfg = segment.model_config(srun, "unet")
+    design = make_design(run, n_test=p["study_test_patients"], n_val=p["study_val_patients"],
+                         n_real=p["study_n_real"], seeds=p["study_seeds"], strategies=["real"], seed=p["seed"])
+    srun = design_run(run, design)
+    model_cfg = workflow.model_config(srun, "unet")
     cfg = TrainConfig(samples_per_epoch=p["study_samples_per_epoch"], device="cpu", patience=None)
-    steps = study.calibrate_steps(srun, design, model_cfg, cfg, max_epochs=p["study_max_epochs"], progress=False)
+    steps = study_run.calibrate_steps(srun, design, model_cfg, cfg, max_epochs=p["study_max_epochs"], progress=False)
     gen_cfg, vae_cfg = small_configs()
-    records = study.run_study(srun, design, model_cfg, cfg, steps, gen_cfg, vae_cfg, progress=False)
+    records = study_run.run_study(srun, design, model_cfg, cfg, steps, gen_cfg, vae_cfg,
+                                  progress=False)
     assert [r["strategy"] for r in records] == ["real"] * sum(p["study_seeds"][:1])
     assert records[0]["mean_dice"] >= 0.5
 
@@ -210,38 +221,38 @@ def _rec(design, seed):
 
 
 def test_records_are_merged_under_a_lock_never_duplicated_and_of_one_design(run, tmp_path):
-    design = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3])
+    design = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3])
     path = tmp_path / "results.json"
-    study.add_records(path, [_rec(design, 0)], design)
+    study_run.add_records(path, [_rec(design, 0)], design)
     # another writer (a second process) appended meanwhile: its record is kept
     path.write_text(json.dumps(json.loads(path.read_text()) + [_rec(design, 1)]))
-    records = study.add_records(path, [_rec(design, 2), _rec(design, 0)], design)
+    records = study_run.add_records(path, [_rec(design, 2), _rec(design, 0)], design)
     assert sorted(r["seed"] for r in records) == [0, 1, 2]
-    other = study.make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3], seed=1)
+    other = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[3], seed=1)
     with pytest.raises(ValueError, match="records of study design"):
-        study.add_records(path, [_rec(other, 5)], other)
+        study_run.add_records(path, [_rec(other, 5)], other)
     assert len(json.loads(path.read_text())) == 3
 
 
 @pytest.mark.slow
 def test_the_grid_on_ray_gives_the_serial_records_survives_a_killed_worker_and_resumes(run, tmp_path):
     pytest.importorskip("ray")
-    design = study.make_design(run, n_test=2, n_val=1, n_real=[2], seeds=[2], strategies=["real", "mix"],
-                               filter_threshold=0.0)
+    design = make_design(run, n_test=2, n_val=1, n_real=[2], seeds=[2], strategies=["real", "mix"],
+                         filter_threshold=0.0)
     gen_cfg, vae_cfg = small_configs()
     args = {"model_cfg": MODEL, "train_cfg": TRAIN, "generator_cfg": gen_cfg, "vae_cfg": vae_cfg,
             "progress": False}
     runs = {}
     for name in ("serial", "ray"):
-        srun = study.design_run(replace(run, run_dir=tmp_path / name), design)
-        steps = study.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=2, progress=False)
-        jobs = study.cell_jobs(srun, design, [], steps=steps, **args)
+        srun = design_run(replace(run, run_dir=tmp_path / name), design)
+        steps = study_run.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=2, progress=False)
+        jobs = study_run.cell_jobs(srun, design, [], steps=steps, **args)
         assert [j.name for j in jobs] == ["cell n=2 seed=0", "cell n=2 seed=1"]
         if name == "ray":  # the first cell's worker dies on its first try
             jobs[0] = replace(jobs[0], fn=exit_once, kwargs={"marker": str(tmp_path / "died"),
                                                              "fn": functools.partial(jobs[0].fn, **jobs[0].kwargs)})
         engine = SERIAL if name == "serial" else EngineConfig("ray", num_cpus=1, max_retries=1)
-        runs[name] = (srun, steps, study.run_cells(srun, design, jobs, engine, progress=False))
+        runs[name] = (srun, steps, study_run.run_cells(srun, design, jobs, engine, progress=False))
     (srun, steps, by_ray), by_serial = runs["ray"], runs["serial"][2]
     assert (tmp_path / "died").exists() and len(by_ray) == 4
     key = lambda r: (r["seed"], r["strategy"])  # noqa: E731
@@ -255,16 +266,17 @@ def test_the_grid_on_ray_gives_the_serial_records_survives_a_killed_worker_and_r
     # the driver died before it saved the second cell: a re-run submits that cell alone, nothing twice
     path = srun.run_dir / "study" / "results.json"
     path.write_text(json.dumps([r for r in by_ray if r["seed"] == 0]))
-    jobs = study.cell_jobs(srun, design, study.load_records(path, design), steps=steps, **args)
+    records = study_run.load_records(path, design)
+    jobs = study_run.cell_jobs(srun, design, records, steps=steps, **args)
     assert [j.name for j in jobs] == ["cell n=2 seed=1"]
-    again = study.run_cells(srun, design, jobs, EngineConfig("ray", num_cpus=1), progress=False)
+    again = study_run.run_cells(srun, design, jobs, EngineConfig("ray", num_cpus=1), progress=False)
     assert sorted(map(key, again)) == sorted(map(key, by_ray))
 
 
 def test_makespan_fills_workers_longest_job_first():
-    assert study.makespan([3, 2, 4, 3], 2) == 6  # 4+2 | 3+3
-    assert study.makespan([5, 1, 1], 4) == 5 and study.makespan([1.0] * 8, 1) == 8
-    assert study.makespan([2.0] * 4, 3) == 4
+    assert makespan([3, 2, 4, 3], 2) == 6  # 4+2 | 3+3
+    assert makespan([5, 1, 1], 4) == 5 and makespan([1.0] * 8, 1) == 8
+    assert makespan([2.0] * 4, 3) == 4
 
 
 def test_power_table_gives_the_seeds_a_3_point_effect_needs_from_earlier_records():
@@ -275,6 +287,6 @@ def test_power_table_gives_the_seeds_a_3_point_effect_needs_from_earlier_records
         records.append(base | {"strategy": "real", "test_dice": patients})
         records.append(base | {"strategy": "mix", "generator": "spade_gan", "ratio": 1.0, "shapes": "new",
                                "filtered": True, "test_dice": {p: d + gain for p, d in patients.items()}})
-    row = study.power_table(records).loc[2]
+    row = power_table(records).loc[2]
     assert row["seeds"] == 5 and row["mean_difference_points"] == pytest.approx(3.0)
     assert row["sd_points"] == pytest.approx(1.5811, abs=1e-3) and row["seeds_needed"] == 5

@@ -1,4 +1,4 @@
-"""Tests for lib.synth_quality on tiny synthetic data (32x32, CPU)."""
+"""Tests for lib.synth.quality on tiny synthetic data (32x32, CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from lib.synth_quality import (
+from lib.synth.quality import (
     diversity_msssim,
     encoder_features,
     frechet_distance,

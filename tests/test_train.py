@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from lib import train as train_mod
-from lib.checkpoint import load_model, read_checkpoint
-from lib.env import amp_dtype, autocast
-from lib.forward import predict_probs
-from lib.models import ModelConfig, build_model, check_image_size
-from lib.msd import read_task
-from lib.slices import SliceConfig, build_cache, load_slices
-from lib.train import TrainConfig, fit, lr_factor, patient_dice, sample_indices
+from lib.common.env import amp_dtype, autocast
+from lib.data.slices import SliceConfig, build_cache, load_slices
+from lib.data.task import read_task
+from lib.seg import train as train_mod
+from lib.seg.checkpoint import load_model, read_checkpoint
+from lib.seg.forward import predict_probs
+from lib.seg.models import ModelConfig, build_model, check_image_size
+from lib.seg.train import TrainConfig, fit, lr_factor, patient_dice, sample_indices
 from tests.helpers import make_task
 
 SIZE = 32

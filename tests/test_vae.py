@@ -1,4 +1,5 @@
-"""Tests for lib.vae (PairVAE and PairVAEGAN) on tiny synthetic disc data (32x32, CPU)."""
+"""Tests for lib.synth.vae (PairVAE and PairVAEGAN) and the latent segmenter of lib.study.latent,
+on tiny synthetic disc data (32x32, CPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import lib.vae as vae_mod
-from lib.generative import TrainingCollapsed, epoch_indices
-from lib.vae import (
+from lib.study import latent as latent_mod
+from lib.study.latent import predict_latent_segmenter, train_latent_segmenter
+from lib.synth import vae as vae_mod
+from lib.synth.generative import TrainingCollapsed, epoch_indices
+from lib.synth.vae import (
     CHECKPOINT_NAME,
     GAN_CHECKPOINT_NAME,
     PairVAE,
@@ -20,10 +23,8 @@ from lib.vae import (
     VAEGANConfig,
     interpolate,
     load_vae,
-    predict_latent_segmenter,
     reconstruct,
     sample_pairs,
-    train_latent_segmenter,
     train_vae,
 )
 from tests import helpers
@@ -277,7 +278,7 @@ def test_latent_segmenter(straight, data, kind, monkeypatch):
     assert pred.shape == (5, SIZE, SIZE) and pred.dtype == np.uint8
     assert len(seg.history) == 2 and np.isfinite(seg.history[-1]["dice_ce"])
     steps = []
-    monkeypatch.setattr(vae_mod, "_backward_step", lambda *a: steps.append(1))
+    monkeypatch.setattr(latent_mod, "_backward_step", lambda *a: steps.append(1))
     train_latent_segmenter(model, images, masks, steps=7, batch_size=8, device="cpu", seed=0, progress=False)
     assert len(steps) == 7  # an exact number of optimiser steps, the last epoch cut short
     for k, v in model.state_dict().items():

@@ -1,4 +1,4 @@
-"""Tests for lib.viz: one colour per class in contour figures and GIFs."""
+"""Tests for lib.common.viz: one colour per class in contour figures and GIFs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from lib.viz import pair_grid, patient_gif, patient_grid, sources_grid
+from lib.common.viz import pair_grid, patient_gif, patient_grid, sources_grid
 from tests.helpers import make_discs
 
 TAB10 = plt.colormaps["tab10"].colors

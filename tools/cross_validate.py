@@ -5,11 +5,11 @@
         [--engine ray|serial] [--address auto] [--fold-cpus 1] [--fold-gpus 0] \
         -- -p preset cpu
 
-Writes ``<root>/fold_<i>/split_file.json`` (:func:`lib.splits.make_folds`: every patient
+Writes ``<root>/fold_<i>/split_file.json`` (:func:`lib.data.splits.make_folds`: every patient
 is tested once), runs the notebook by papermill into ``<root>/fold_<i>/`` with that split
 and the papermill arguments after ``--`` (a fold already scored is skipped; an
 interrupted one resumes from ``last.pt``), the folds side by side as jobs of
-:mod:`lib.engine` (a local Ray with every core by default, shared out among the folds: a
+:mod:`lib.common.engine` (a local Ray with every core by default, shared out among the folds: a
 2-core machine trains two folds at a time with one thread each; ``--fold-cpus`` sets it;
 ``--address`` joins a Ray cluster; ``--engine serial`` one after the other). It then prints one row per
 test patient and the mean over all patients, and writes ``<root>/cross_validation.csv``.
@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib.atomic import read_json  # noqa: E402
-from lib.cross_validation import fold_jobs, run_folds  # noqa: E402
-from lib.engine import ENGINES, EngineConfig  # noqa: E402
+from lib.common.atomic import read_json  # noqa: E402
+from lib.common.engine import ENGINES, EngineConfig  # noqa: E402
 from lib.publish import publish_cross_validation  # noqa: E402
+from lib.seg.cross_validation import fold_jobs, run_folds  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib.atomic import write_text  # noqa: E402
+from lib.common.atomic import write_text  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 URL_LINE = re.compile(r'REPO_URL = \\"[^"\\]*\\"')  # as stored in the notebook's JSON

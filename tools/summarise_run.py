@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.atomic import read_json  # noqa: E402
+from lib.common.atomic import read_json  # noqa: E402
 from lib.publish import markdown_table as markdown  # noqa: E402
-from lib.segment import comparison_table  # noqa: E402
-from lib.study import study_conclusions, study_table  # noqa: E402
+from lib.seg.tables import comparison_table  # noqa: E402
+from lib.study.analysis import study_conclusions, study_table  # noqa: E402
 
 
 def main(run_dirs: list[str]) -> None:

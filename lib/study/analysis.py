@@ -1,0 +1,185 @@
+"""Tables, statistics and figures of the synthetic-data study (notebook 05), from its records.
+
+**Statistics**: :func:`study_conclusions` pairs each condition with real only by seed and
+test patient, with the training subset (seed) as the unit: a t-interval over the seeds and a
+crossed bootstrap of seeds and test patients (:mod:`lib.common.statistics`). Records only: no
+torch, so publishing uses it without a model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lib.common.atomic import write_json
+from lib.common.statistics import crossed_bootstrap, seed_t_interval, seeds_for_power
+from lib.study.design import StudyDesign
+
+
+def setting_label(r: dict[str, Any] | pd.Series) -> str:
+    """A readable name of a record's condition."""
+    strategy, gen = r["strategy"], r["generator"]
+    if strategy == "real":
+        return "real only"
+    if strategy == "latent":
+        return "VAE latent segmenter"
+    if strategy == "pretrain":
+        return f"{gen} pre-training, real fine-tuning"
+    if strategy == "synthetic_only":
+        return f"{gen} only"
+    notes = ["deformed shapes"] * (r["shapes"] == "deformed") + ["unfiltered"] * (not r["filtered"])
+    return f"real + {gen} x{r['ratio']:g}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def study_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Mean, sd, min and max over seeds of the mean test Dice, per n_real and setting (empty
+    without records)."""
+    if not records:
+        return pd.DataFrame(columns=["mean", "std", "min", "max", "seeds"],
+                            index=pd.MultiIndex.from_tuples([], names=["n_real", "setting"]))
+    df = pd.DataFrame(records)
+    df["setting"] = df.apply(setting_label, axis=1)
+    table = df.groupby(["n_real", "setting"])["mean_dice"].agg(["mean", "std", "min", "max", "count"])
+    return table.rename(columns={"count": "seeds"})
+
+
+def _differences(matched: list[tuple[dict[str, Any], dict[str, Any]]]) -> np.ndarray:
+    """The (seeds x test patients) matrix of per-patient Dice differences of each seed's record
+    against real only of the same seed (same training subset); NaN where a patient is missing."""
+    patients = sorted({p for r, b in matched for p in set(r["test_dice"]) & set(b["test_dice"])})
+    return np.array([[r["test_dice"].get(p, np.nan) - b["test_dice"].get(p, np.nan) for p in patients]
+                     for r, b in matched], dtype=float)
+
+
+def _verdict(primary: dict[str, Any], secondary: dict[str, Any], seeds: int, min_seeds: int) -> str:
+    """"helps" or "hurts" only when both intervals exclude 0 on the same side."""
+    if seeds < min_seeds:
+        return "too few seeds"
+    both = {primary["verdict"], secondary["verdict"]}
+    return {"higher": "helps", "lower": "hurts"}.get(both.pop(), "no clear difference") if len(both) == 1 \
+        else "no clear difference"
+
+
+def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed: int = 0,
+                      min_seeds: int = 3) -> pd.DataFrame:
+    """Each setting against "real only" at the same n_real, with the training subset (seed) as the
+    unit: the mean paired difference in per-patient test Dice (paired by seed and test patient),
+    a 95 % t-interval over the seeds' mean differences (primary: ``ci_low``, ``ci_high``;
+    :func:`lib.common.statistics.seed_t_interval`) and a 95 % bootstrap interval that resamples
+    seeds and test patients crossed, as every seed is scored on the same patients (secondary:
+    ``boot_low``, ``boot_high``; :func:`lib.common.statistics.crossed_bootstrap`).
+
+    The verdict is "helps" only when both intervals are above 0, "hurts" only when both are below
+    0, otherwise "no clear difference"; with fewer than ``min_seeds`` seeds it says "too few
+    seeds". Differences are in Dice points (x100).
+    """
+    columns = ["n_real", "setting", "delta_dice_points", "ci_low", "ci_high", "boot_low", "boot_high", "seeds",
+               "pairs", "verdict"]
+    if not records:
+        return pd.DataFrame(columns=columns).set_index(["n_real", "setting"])
+    df = pd.DataFrame(records)
+    df["setting"] = df.apply(setting_label, axis=1)
+    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
+    rows = []
+    for (n, setting), group in df[df["strategy"] != "real"].groupby(["n_real", "setting"]):
+        matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
+        diff = _differences(matched)
+        if not diff.size or not np.isfinite(diff).any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a seed without any finite difference
+            primary = seed_t_interval(np.nanmean(diff, axis=1))
+        secondary = crossed_bootstrap(diff, n_boot=n_boot, seed=seed)
+        rows.append({"n_real": n, "setting": setting, "delta_dice_points": 100 * primary["mean"],
+                     "ci_low": 100 * primary["low"], "ci_high": 100 * primary["high"],
+                     "boot_low": 100 * secondary["low"], "boot_high": 100 * secondary["high"], "seeds": len(matched),
+                     "pairs": secondary["n"], "verdict": _verdict(primary, secondary, len(matched), min_seeds)})
+    return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])
+
+
+def power_table(records: list[dict[str, Any]], setting: str = "real + spade_gan x1", effect: float = 0.03,
+                power: float = 0.8) -> pd.DataFrame:
+    """How many seeds (training subsets) a study needs, from the records of an earlier one: per
+    patient count, the spread (sd) of the seeds' mean paired differences of ``setting`` against
+    real only, and the seeds a t-test needs to detect ``effect`` (Dice, 0.03 = 3 points) with
+    ``power`` at the 5 % level (:func:`lib.common.statistics.seeds_for_power`)."""
+    rows = {}
+    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
+    for n in sorted({r["n_real"] for r in records}):
+        matched = [(r, base[(n, r["seed"])]) for r in records
+                   if r["n_real"] == n and r["strategy"] != "real" and setting_label(r) == setting and (n, r["seed"]) in base]
+        if len(matched) < 2:
+            continue
+        means = np.nanmean(_differences(matched), axis=1)
+        sd = float(np.std(means, ddof=1))
+        rows[n] = {"seeds": len(matched), "mean_difference_points": 100 * float(np.mean(means)),
+                   "sd_points": 100 * sd, "seeds_needed": seeds_for_power(sd, effect, power)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("n_real")
+
+
+def study_figure(records: list[dict[str, Any]], conclusions: pd.DataFrame) -> Figure:
+    """Left: mean test Dice (± sd over seeds) against the number of real patients. Right: each
+    setting's paired difference to real only with its 95 % interval. Settings are spread
+    sideways around each patient count."""
+    if not records:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no study records (study_n_real is empty)", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    table = study_table(records).reset_index()
+    ticks = sorted(table["n_real"].unique())
+    where = {n: i for i, n in enumerate(ticks)}
+    settings = sorted(table["setting"].unique())
+    spread = {s: (i - (len(settings) - 1) / 2) * 0.6 / max(len(settings), 1) for i, s in enumerate(settings)}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for setting, rows in table.groupby("setting"):
+        x = rows["n_real"].map(where) + spread[setting]
+        ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3, label=setting,
+                    lw=2.5 if setting == "real only" else 1.2)
+    ax.set(xlabel="real training patients", ylabel="mean test Dice (± sd over seeds)", ylim=(0, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    for setting, rows in conclusions.reset_index().groupby("setting"):
+        x = rows["n_real"].map(where) + spread[setting]
+        mean = rows["delta_dice_points"]
+        bx.errorbar(x, mean, yerr=[mean - rows["ci_low"], rows["ci_high"] - mean], marker="o", capsize=3,
+                    label=setting, color=f"C{settings.index(setting)}")
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set(xlabel="real training patients", ylabel="Dice points vs real only (95 % interval)")
+    for axis in (ax, bx):
+        axis.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+        axis.set_xlim(-0.5, len(ticks) - 0.5)
+    fig.tight_layout()
+    return fig
+
+
+def steps_figure(steps: dict[int, dict[str, Any]]) -> Figure:
+    """Real only's validation Dice against optimiser steps for each patient count, with the
+    steps chosen for the study marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, s in sorted(steps.items()):
+        x, y = zip(*s["curve"])
+        line, = ax.plot(x, y, marker=".", label=f"{n} real patient{'s' * (n > 1)}")
+        ax.axvline(s["steps"], color=line.get_color(), ls="--", lw=1)
+    ax.set(xlabel="optimiser steps", ylabel="validation Dice (real only)", ylim=(0, 1),
+           title="steps of every condition: where real only reaches its plateau (dashed)")
+    if steps:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_summary(study_dir: Path, design: StudyDesign, conclusions: pd.DataFrame,
+                  steps: dict[int, dict[str, Any]]) -> Path:
+    """``summary.json`` in ``study_dir``: the design, the steps per patient count and every paired comparison."""
+    rows = conclusions.reset_index().to_dict("records")
+    return write_json(Path(study_dir) / "summary.json",
+                      {"design": asdict(design) | {"id": design.id},
+                       "steps": {str(n): {k: v for k, v in s.items() if k != "curve"} for n, s in steps.items()},
+                       "comparisons": rows})

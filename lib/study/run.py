@@ -1,0 +1,412 @@
+"""Does synthetic data help segmentation? The study of notebook 05.
+
+This module runs it. Its **design** (:mod:`lib.study.design`), saved as ``study/design.json``, is
+fixed before any result:
+test and validation patients held out, the rest a training *pool*; for each number of
+real patients ``n`` several seeds, each drawing another subset of the pool (patient choice
+is part of the spread). Every cell ``(n, seed)`` trains:
+
+* ``real``: the U-Net on the subset's real slices (classic augmentation on: the baseline);
+* ``mix``: real + synthetic slices (``ratio`` synthetic per real slice);
+* ``pretrain``: half of the steps on synthetic slices, then fine-tuning on real ones;
+* ``synthetic_only``: synthetic slices alone;
+* ``latent``: the VAE latent-space segmenter (the seed baseline);
+* at ``ablation_n_real`` only: mix at the ``ablation_ratios``, deformed real masks instead
+  of the shape model's new ones, and no sample filter.
+
+Synthetic pairs (:mod:`lib.synth.pairs`) come from a mask-conditioned image generator
+(:mod:`lib.synth.gan` or :mod:`lib.synth.diffusion`) fed by masks of the shape model or deformed
+real masks (:mod:`lib.synth.masks`), filtered by the cell's real-only U-Net. The
+generators, shape model and filter see only the cell's real patients. The latent segmenter is
+:mod:`lib.study.latent`.
+
+**Fairness**: within a patient count every condition trains for the same number of
+optimiser steps, chosen on the validation patients so that real only reaches its plateau
+(:func:`calibrate_steps`), and is scored on the same test patients (per-patient 3D Dice at
+the original resolution). **Statistics**: :mod:`lib.study.analysis` pairs each condition
+with real only by seed and test patient and gives a bootstrap interval.
+
+**Execution**: a cell is one function (:func:`run_cell`) and one job of :mod:`lib.common.engine`,
+so cells run side by side on every core or GPU of a machine, or on a Ray cluster.
+**Resumption**: every condition is one record in ``study/results.json``; the driver alone
+writes them, a cell's records at once when the cell finishes (merged under a file lock,
+never twice); a re-run skips the records already there, so the grid runs in chunks. Records
+of another design are refused. The study keeps records, not models: a cell's generators,
+samples and U-Nets live in ``study/work/`` until its records are written, so an interrupted
+cell resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lib.common.atomic import read_json, update_json, write_json
+from lib.common.engine import EngineConfig, Job, run_jobs
+from lib.data.run import Run
+from lib.data.slices import SliceSet, concat, load_pairs, save_pairs
+from lib.data.volumes import read_label
+from lib.seg import workflow
+from lib.seg.forward import predict_probs
+from lib.seg.inference import probs_to_volume
+from lib.seg.metrics import dice
+from lib.seg.models import ModelConfig
+from lib.seg.train import TrainConfig, fit
+from lib.study import latent
+from lib.study.analysis import setting_label
+from lib.study.design import Condition, StudyDesign
+from lib.synth import diffusion, gan, pairs, vae
+from lib.synth.generative import TrainingCollapsed, load_generator
+from lib.synth.shapes import ShapeModel, ShapeModelConfig
+
+IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images, gan.SPADEGAN),
+                    "diffusion": (diffusion.train_diffusion, diffusion.generate_images, diffusion.MaskDDPM)}
+
+
+def truth_volumes(test: SliceSet) -> dict[str, np.ndarray]:
+    """Original label volumes of the test patients, loaded once."""
+    return {cid: read_label(m.label_path) for cid, m in test.cases.items()}
+
+
+def score_slices(pred_probs: torch.Tensor, test: SliceSet, truths: dict[str, np.ndarray], labels: list[int]) -> dict[str, float]:
+    """Per-patient 3D Dice at the original resolution from slice probabilities (N, K, S, S)."""
+    out = {}
+    for cid, meta in test.cases.items():
+        sel = torch.from_numpy(test.case_ids == cid)
+        volume = probs_to_volume(pred_probs[sel], meta)
+        out[cid] = float(np.nanmean([dice(volume, truths[cid], k) for k in labels]))
+    return out
+
+
+def plateau_epoch(val_dice: list[float], tolerance: float = 0.01, window: int = 3) -> int:
+    """First epoch (1-based) whose running mean of ``window`` validation Dice values comes within
+    ``tolerance`` of the best running mean: where more steps stop paying."""
+    v = np.asarray(val_dice, float)
+    if v.size == 0:
+        raise ValueError("plateau_epoch: no validation Dice values")
+    w = min(window, v.size)
+    smooth = np.convolve(v, np.ones(w) / w, mode="valid")
+    return int(np.flatnonzero(smooth >= np.nanmax(smooth) - tolerance)[0]) + w
+
+
+def _epoch_steps(cfg: TrainConfig) -> int:
+    """Optimiser steps per epoch: the same for every training set (``samples_per_epoch`` is set)."""
+    return math.ceil(cfg.samples_per_epoch / cfg.batch_size)
+
+
+def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+                    max_epochs: int, device: str = "cpu", progress: bool = True) -> dict[int, dict[str, Any]]:
+    """For each patient count: train real only (seed 0's subset) for ``max_epochs`` at a constant
+    learning rate (so the curve flattens where learning stops, not where a decaying schedule
+    ends) and pick the epoch where validation Dice reaches its plateau (:func:`plateau_epoch`).
+    ``samples_per_epoch`` must be set, so an epoch is the same number of steps for every training
+    set. The study then trains every condition for that many steps with its usual schedule.
+
+    Returns (and keeps in ``study/steps.json``, reused on a re-run):
+        n_real -> {"epochs", "steps", "plateau" (False: still rising at ``max_epochs``, so the
+        study trains all of them), "curve": [[steps, val_dice], ...]}.
+    """
+    if not train_cfg.samples_per_epoch:
+        raise ValueError("calibrate_steps: set samples_per_epoch, so every condition's epoch has the same steps")
+    path = run.run_dir / "study" / "steps.json"
+    saved = read_json(path) if path.is_file() else {}
+    if saved and saved.get("design") != design.id:
+        raise ValueError(f"{path} was calibrated for study design {saved.get('design')}, not {design.id}")
+    out = read_steps(path) if saved else {}
+    train, val = run.slices("train"), run.slices("val")
+    per_epoch = _epoch_steps(train_cfg)
+    for n in tqdm(design.n_real, desc="choosing steps on validation", disable=not progress):
+        if n in out:
+            continue
+        real = _patients(train, design.subset(n, 0))
+        result = fit(real, val, model_cfg, replace(train_cfg, epochs=max_epochs, seed=0, device=device,
+                                                  lr_schedule="constant"),
+                     run.run_dir / "study" / "work" / f"calibrate_n{n}", run.data_settings(), keep="none",
+                     progress=False)
+        curve = [[row["epoch"] * per_epoch, row["val_dice"]] for row in result.history]
+        epochs = plateau_epoch([d for _, d in curve])
+        out[n] = {"epochs": epochs, "steps": epochs * per_epoch, "plateau": epochs < max_epochs, "curve": curve}
+        write_json(path, {"design": design.id, "steps": out})
+        shutil.rmtree(run.run_dir / "study" / "work" / f"calibrate_n{n}", ignore_errors=True)
+    return out
+
+
+def _patients(slices: SliceSet, patients: list[str]) -> SliceSet:
+    return slices.subset(np.flatnonzero(np.isin(slices.case_ids, patients)))
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["strategy"], r["shapes"], r["filtered"], float(r["ratio"]), r["n_real"], r["seed"])
+
+
+def load_records(path: Path, design: StudyDesign) -> list[dict[str, Any]]:
+    """The records of ``path``; ValueError if any was written by another design."""
+    records = read_json(path) if path.is_file() else []
+    if foreign := sorted({str(r.get("design")) for r in records} - {design.id}):
+        raise ValueError(f"{path} holds records of study design(s) {foreign}, not {design.id} (other test patients "
+                         "or grid); use another run_dir or delete the file to start over")
+    return records
+
+
+def add_records(path: Path, new: list[dict[str, Any]], design: StudyDesign) -> list[dict[str, Any]]:
+    """Merge ``new`` records into ``path`` under its lock (:func:`update_json`): what
+    another process wrote meanwhile is kept, and a condition already recorded is not added twice.
+    Returns every record of the file."""
+    def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if foreign := sorted({str(r.get("design")) for r in records + new} - {design.id}):
+            raise ValueError(f"{path}: records of study design(s) {foreign}, not {design.id}")
+        have = {_key(r) for r in records}
+        return records + [r for r in new if _key(r) not in have]
+
+    return update_json(path, merge, default=[])
+
+
+@dataclass
+class _Cell:
+    """What one (n_real, seed) cell shares between its conditions."""
+
+    n: int
+    seed: int
+    real: SliceSet
+    work: Path
+    real_model: torch.nn.Module | None = None
+    generator: Any = None
+    shape_model: ShapeModel | None = None
+    pools: dict[tuple[str, bool], tuple[SliceSet, float]] = field(default_factory=dict)
+    generator_stopped: str | None = None  # why the image generator stopped before its epochs, if it did
+
+
+def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
+             steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
+             vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
+             generator_samples: int | None = None, device: str = "cpu", done: frozenset[tuple] = frozenset(),
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Train and score the conditions of cell ``(n, seed)`` that are not in ``done`` (keys of
+    records already written); returns their records. The conditions share the cell's real-only
+    U-Net (the sample filter), image generator and shape model. Pure apart from the cell's own
+    folder ``study/work/n<n>_s<seed>``, where finished trainings and generators are kept until
+    the caller has saved the records, so a cell that is interrupted and run again resumes: the
+    records of its finished conditions wait in ``records.json`` there, and each condition's
+    checkpoints are removed once it is scored (only real only's U-Net and the generators stay)."""
+    work = cell_folder(run, n, seed)
+    partial = work / "records.json"  # conditions an earlier try of this cell finished
+    records = [r for r in (read_json(partial) if partial.is_file() else []) if _key(r) not in done]
+    have = done | {_key(r) for r in records}
+    todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in have]
+    if not todo:
+        return records
+    train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
+    truths = truth_volumes(test)
+    patients = design.subset(n, seed)
+    cell = _Cell(n, seed, _patients(train, patients), work)
+    cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
+    gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
+    gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
+    for cond in design.conditions(n):  # real only first: the filter uses its U-Net
+        finished = cond not in todo
+        if finished and (cond.strategy != "real" or not _filters(todo)):
+            continue
+        t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
+        scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
+                                         gen_cfg, cell_vae_cfg, shape_cfg, device)
+        if finished:
+            continue
+        records.append(_fields(cond, n, seed) | {
+            "dataset": design.dataset, "design": design.id, "generator": _generator_name(cond, design),
+            "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
+            "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
+            "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
+            "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
+        write_json(partial, records)
+        if cond.strategy != "real":  # keep only what the next conditions need: real only's U-Net, the generators
+            for folder in (cell.work / "seg").glob(f"{_condition_name(cond)}*"):
+                shutil.rmtree(folder, ignore_errors=True)
+            if cond.strategy == "latent":
+                shutil.rmtree(cell.work / "vae", ignore_errors=True)
+        if progress:
+            print(f"cell n={n} seed={seed}: {setting_label(records[-1])}, test Dice {records[-1]['mean_dice']:.3f} "
+                  f"({records[-1]['train_seconds']:.0f} s)", flush=True)
+    return records
+
+
+def _condition_name(cond: Condition) -> str:
+    """The folder name of a condition's trainings in its cell."""
+    return f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}"
+
+
+def cell_folder(run: Run, n: int, seed: int) -> Path:
+    """The work folder of cell ``(n, seed)``: trainings and generators until its records are saved."""
+    return run.run_dir / "study" / "work" / f"n{n}_s{seed}"
+
+
+def cell_jobs(run: Run, design: StudyDesign, records: list[dict[str, Any]], **cell_args: Any) -> list[Job]:
+    """One :class:`Job` per cell with conditions not yet in ``records``, calling
+    :func:`run_cell` with ``cell_args``."""
+    done = frozenset(_key(r) for r in records)
+    return [Job(f"cell n={n} seed={seed}", run_cell, {"run": run, "design": design, "n": n, "seed": seed,
+                                                       "done": done, **cell_args})
+            for n, seed in design.cells()
+            if any(_key(_fields(c, n, seed)) not in done for c in design.conditions(n))]
+
+
+def run_cells(run: Run, design: StudyDesign, jobs: list[Job], engine: EngineConfig | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run the cells' ``jobs`` on ``engine``; this process alone merges each finished cell's
+    records into ``study/results.json`` (under its lock) and then removes the cell's folder.
+
+    Raises:
+        RuntimeError: naming every cell that failed (after its retries) and its error, once the
+            other cells are done and saved.
+    """
+    path = run.run_dir / "study" / "results.json"
+
+    def save(job: Job, records: list[dict[str, Any]]) -> None:
+        add_records(path, records, design)
+        for n, seed in {(r["n_real"], r["seed"]) for r in records}:
+            shutil.rmtree(cell_folder(run, n, seed), ignore_errors=True)
+
+    failed = run_jobs(jobs, engine or EngineConfig(), save, shared_dir=run.run_dir, desc="study cells", progress=progress)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} study cell(s) failed (the others are saved; run again "
+                           "to retry them): " + "; ".join(f"{name}: {err}" for name, err in failed.items()))
+    return load_records(path, design)
+
+
+def run_study(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
+              vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
+              generator_samples: int | None = None, device: str = "cpu", engine: EngineConfig | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell of the design not yet recorded (``run`` from :func:`design_run`) on
+    ``engine`` (:mod:`lib.common.engine`: default Ray on this machine or ``$RAY_ADDRESS``'s cluster); returns all
+    records of ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`.
+    ``generator_samples``: slices each cell's generators (image generator and VAE) see in
+    training, so a cell of 1 patient trains them as many steps as a cell of 20 (None: the
+    configs' epochs). Raises ValueError for records of another design, RuntimeError naming the
+    cells that failed (for example on a generator checkpoint in a cell's folder that was
+    trained on other patients)."""
+    records = load_records(run.run_dir / "study" / "results.json", design)
+    jobs = cell_jobs(run, design, records, model_cfg=model_cfg, train_cfg=train_cfg, steps=steps,
+                     generator_cfg=generator_cfg, vae_cfg=vae_cfg, shape_cfg=shape_cfg,
+                     generator_samples=generator_samples, device=device, progress=progress)
+    return run_cells(run, design, jobs, engine, progress)
+
+
+def _fields(cond: Condition, n: int, seed: int) -> dict[str, Any]:
+    return {"strategy": cond.strategy, "shapes": cond.shapes, "filtered": cond.filtered, "ratio": cond.ratio,
+            "n_real": n, "seed": seed}
+
+
+def _filters(conditions: list[Condition]) -> bool:
+    return any(c.synthetic and c.filtered for c in conditions)
+
+
+def _generator_name(cond: Condition, design: StudyDesign) -> str | None:
+    return design.generator if cond.synthetic else "vae" if cond.strategy == "latent" else None
+
+
+def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, design: StudyDesign,
+                     model_cfg: ModelConfig, val: SliceSet, test: SliceSet, truths: dict[str, np.ndarray],
+                     generator_cfg: Any, vae_cfg: vae.VAEConfig, shape_cfg: ShapeModelConfig | None,
+                     device: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one condition of a cell; returns its per-patient test Dice and extra record fields."""
+    name = _condition_name(cond)
+
+    chosen: dict[str, int] = {}
+
+    def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None):
+        result = fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
+                     init=init, progress=False)
+        chosen["best_epoch"] = result.best_epoch  # the epoch validation chose, of the last training
+        return result.model
+
+    if cond.strategy == "latent":
+        vae_model, _ = vae.train_vae(cell.real.images.astype(np.float32), cell.real.masks,
+                                     replace(vae_cfg, seed=cell.seed), device=device, out_dir=cell.work / "vae",
+                                     progress=False)
+        steps = cfg.epochs * _epoch_steps(cfg)
+        seg = latent.train_latent_segmenter(vae_model, cell.real.images.astype(np.float32), cell.real.masks,
+                                            steps=steps, batch_size=cfg.batch_size, device=device, seed=cell.seed,
+                                            progress=False)
+        pred = torch.from_numpy(latent.predict_latent_segmenter(seg, test.images.astype(np.float32))).long()
+        probs = torch.nn.functional.one_hot(pred, run.task.num_classes).permute(0, 3, 1, 2).float()
+        return score_slices(probs, test, truths, run.labels), {}
+    if cond.strategy == "real":
+        model = train(cell.real, "", cfg)
+        cell.real_model = model
+        return _score(model, test, truths, run, device), dict(chosen)
+    synth, kept = _synthetic(cell, cond, design, generator_cfg, shape_cfg, run, device)
+    extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept, "generator_stopped": cell.generator_stopped}
+    if cond.strategy == "mix":
+        model = train(concat(cell.real, synth), "", cfg)
+    elif cond.strategy == "synthetic_only":
+        model = train(synth, "", cfg)
+    else:  # pretrain: half the steps on synthetic slices, the rest fine-tuning on real ones
+        first = max(1, cfg.epochs // 2)
+        pre = train(synth, "_pre", replace(cfg, epochs=first))
+        model = train(cell.real, "_fine", replace(cfg, epochs=cfg.epochs - first), init=pre) if cfg.epochs > first else pre
+    return _score(model, test, truths, run, device), extra | chosen
+
+
+def _score(model: torch.nn.Module, test: SliceSet, truths: dict[str, np.ndarray], run: Run,
+           device: str) -> dict[str, float]:
+    return score_slices(predict_probs(model, test.images, device=device), test, truths, run.labels)
+
+
+def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, generator_cfg: Any,
+               shape_cfg: ShapeModelConfig | None, run: Run, device: str) -> tuple[SliceSet, float]:
+    """``ratio x`` the cell's real slices in synthetic pairs of the condition's mask source and
+    filter setting, and the share of drawn pairs the filter kept. Pairs are drawn once per
+    (source, filter) for the cell's largest ratio and cached in the cell's folder, so a resumed
+    cell trains on the same pairs."""
+    key = (cond.shapes, bool(cond.filtered))
+    if key not in cell.pools:
+        train_fn, generate, kind = IMAGE_GENERATORS[design.generator]
+        images, masks = cell.real.images.astype(np.float32), cell.real.masks
+        if cell.generator is None:
+            out_dir = cell.work / design.generator
+            try:
+                cell.generator, _ = train_fn(images, masks, replace(generator_cfg, seed=cell.seed), device=device,
+                                             out_dir=out_dir, progress=False)
+            except TrainingCollapsed as err:  # on one patient's slices a discriminator can win: keep the last good epoch
+                cell.generator = load_generator(kind, out_dir / f"{kind.KIND}.pt", device)[0]
+                cell.generator_stopped = str(err)
+        if cell.shape_model is None and cond.shapes == "new":
+            cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
+                                                                                 seed=cell.seed))
+        need = max(max(1, round(c.ratio * len(cell.real))) for c in design.conditions(cell.n)
+                   if c.synthetic and (c.shapes, bool(c.filtered)) == key)
+        file = cell.work / f"synthetic_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
+        if not file.is_file():
+            drawn = 2 * need if cond.filtered else need  # the filter drops some: draw twice as many
+            if cond.filtered and cell.real_model is None:
+                raise RuntimeError("the sample filter needs the cell's real-only U-Net; train it first")
+            kept = pairs.make_pairs(
+                generate, cell.generator, cond.shapes, drawn, cell.seed, shape_model=cell.shape_model,
+                train_masks=masks, num_classes=run.task.num_classes, device=device,
+                predict_fn=workflow.predict_masks_fn(cell.real_model, device) if cond.filtered else None,
+                threshold=design.filter_threshold)
+            reps = np.resize(np.arange(len(kept.masks)), need)  # too few kept: cycle through them
+            save_pairs(file, kept.images[reps], kept.masks[reps], {"kept_share": float(kept.kept.mean()),
+                                                                  "seed": cell.seed})
+        with np.load(file) as z:
+            share = json.loads(str(z["meta"]))["kept_share"]
+        cell.pools[key] = (load_pairs(file, source=f"synthetic_{design.generator}"), share)
+    pool, share = cell.pools[key]
+    n_synth = max(1, round(cond.ratio * len(cell.real)))
+    return pool.subset(np.arange(n_synth)), share
+
+
+
+def read_steps(path: Path) -> dict[int, dict[str, Any]]:
+    """The steps chosen by :func:`calibrate_steps` (``study/steps.json``), by patient count."""
+    return {int(n): s for n, s in read_json(path)["steps"].items()}

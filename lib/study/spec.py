@@ -1,0 +1,173 @@
+"""A study as a file: everything its cells need, saved before any result, run from a notebook
+or from the command line.
+
+Notebook 05 writes ``<run_dir>/study/spec.json`` (the data and run folder, the design, the
+segmenter, generator, VAE and shape-model settings, the steps' calibration) and runs it with
+:func:`run_spec`; ``msdseg-study`` runs the same file without a notebook, for batch jobs on a
+workstation or a cluster::
+
+    msdseg-study runs/heart_study/study/spec.json                    # a local Ray, every core
+    msdseg-study runs/heart_study/study/spec.json --address auto     # the Ray cluster of this node
+    msdseg-study runs/heart_study/study/spec.json --cell-gpus 0.25    # four cells per GPU
+    msdseg-study runs/heart_study/study/spec.json --engine serial     # one cell after the other
+
+Re-running resumes: cells with records are not run again. On a cluster the run folder must be
+on storage every machine sees at the same path (checked before any cell is submitted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from lib.common.atomic import read_json, write_json
+from lib.common.engine import ENGINES, EngineConfig
+from lib.common.env import get_device
+from lib.data.run import Run, prepare_run
+from lib.seg.models import ModelConfig
+from lib.seg.train import TrainConfig
+from lib.study.analysis import study_conclusions, study_table, write_summary
+from lib.study.design import StudyDesign, design_from_dict, design_run, read_design
+from lib.study.run import calibrate_steps, run_study
+from lib.synth import diffusion, gan, vae
+from lib.synth.shapes import ShapeModelConfig
+
+SPEC_VERSION = 1
+GENERATOR_CONFIGS = {"spade_gan": gan.SPADEGANConfig, "diffusion": diffusion.DiffusionConfig}
+
+
+def spec_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "study" / "spec.json"
+
+
+def write_spec(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig,
+               generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig, vae_cfg: vae.VAEConfig, *,
+               shape_cfg: ShapeModelConfig | None, generator_samples: int | None, max_epochs: int,
+               device: str = "auto", ct_window: tuple[float, float] | None = None) -> Path:
+    """Save the study of ``run`` (the run folder of notebook 01) as ``study/spec.json``;
+    refuses a folder whose spec describes another study (ValueError)."""
+    spec = {"version": SPEC_VERSION,
+            "prepare": {"data": str(run.task.root), "run_dir": str(run.run_dir), "image_size": run.slice_cfg.image_size,
+                        "seed": run.seed, "ct_window": list(ct_window) if ct_window else None},
+            "design": asdict(design) | {"id": design.id}, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+            "generator": asdict(generator_cfg), "vae": asdict(vae_cfg),
+            "shape": None if shape_cfg is None else asdict(shape_cfg),
+            "generator_samples": generator_samples, "max_epochs": max_epochs, "device": device}
+    path = spec_path(run.run_dir)
+    if path.is_file():
+        saved = read_json(path)
+        if _plain(saved) != _plain(spec):
+            changed = sorted(k for k in spec if _plain(saved.get(k)) != _plain(spec[k]))
+            raise ValueError(f"{path} describes another study (differs in {', '.join(changed)}); use another run_dir "
+                             "or delete the study folder to start over")
+        return path
+    return write_json(path, spec)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def rebuild(cls: type, data: dict[str, Any]) -> Any:
+    """A config dataclass from its JSON dict: lists back to tuples where the field's default is a
+    tuple, nested dataclasses rebuilt; unknown keys raise ValueError."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {unknown}")
+    kwargs = {}
+    for key, value in data.items():
+        f = names[key]
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = _tuples(value)
+        elif is_dataclass(default) and isinstance(value, dict):
+            value = rebuild(type(default), value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """The study of ``spec.json`` with its settings rebuilt: prepare (prepare_run's arguments),
+    design, model, train, generator, vae, shape, generator_samples, max_epochs, device."""
+    path = Path(path)
+    spec = read_json(path)
+    if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
+        raise ValueError(f"{path}: not a study spec of version {SPEC_VERSION}")
+    design = design_from_dict(spec["design"])
+    kind = GENERATOR_CONFIGS.get(design.generator)
+    if kind is None:
+        raise ValueError(f"{path}: unknown generator {design.generator!r}")
+    return spec | {"design": design, "model": rebuild(ModelConfig, spec["model"]),
+                   "train": rebuild(TrainConfig, spec["train"]), "generator": rebuild(kind, spec["generator"]),
+                   "vae": rebuild(vae.VAEConfig, spec["vae"]),
+                   "shape": None if spec["shape"] is None else rebuild(ShapeModelConfig, spec["shape"])}
+
+
+def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: bool = True
+             ) -> tuple[Run, dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Run (or resume) the study of ``spec.json``: the steps' calibration first, once, then every
+    cell not yet recorded on ``engine`` (:mod:`lib.common.engine`).
+
+    Returns:
+        The study's run (its split: the design's), the steps per patient count, every record.
+    """
+    spec = load_spec(path)
+    prepare = spec["prepare"]
+    run = prepare_run(prepare["data"], prepare["run_dir"], None, prepare["image_size"], prepare["seed"],
+                      ct_window=tuple(prepare["ct_window"]) if prepare["ct_window"] else None, progress=progress)
+    design = spec["design"]
+    srun = design_run(run, design)
+    device = str(get_device(spec["device"]))
+    steps = calibrate_steps(srun, design, spec["model"], spec["train"], max_epochs=spec["max_epochs"],
+                            device=device, progress=progress)
+    engine = engine or EngineConfig()
+    if engine.num_gpus == 0 and device.startswith("cuda") and engine.engine == "ray":
+        engine = EngineConfig(engine.engine, engine.address, engine.num_cpus, 0.25, engine.max_retries)
+    records = run_study(srun, design, spec["model"], spec["train"], steps, spec["generator"], spec["vae"],
+                        shape_cfg=spec["shape"], generator_samples=spec["generator_samples"], device=device,
+                        engine=engine, progress=progress)
+    return srun, steps, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run a study from its spec.json; exit status 1 when cells failed."""
+    parser = argparse.ArgumentParser(prog="msdseg-study", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", type=Path, help="study/spec.json written by notebook 05")
+    parser.add_argument("--engine", choices=ENGINES, default="ray")
+    parser.add_argument("--address", help="Ray cluster to join ('auto': this node's; default: $RAY_ADDRESS, "
+                                          "else a local Ray with every core)")
+    parser.add_argument("--cell-cpus", type=float, help="CPUs (torch threads) per cell (default: a machine's cores "
+                                                        "shared out among the cells, at least one each)")
+    parser.add_argument("--cell-gpus", type=float, default=0,
+                        help="GPUs per cell (0.25: four cells share a GPU; default with a CUDA device: 0.25)")
+    parser.add_argument("--max-retries", type=int, default=1, help="further tries of a cell that failed")
+    args = parser.parse_args(argv)
+    engine = EngineConfig(args.engine, args.address, args.cell_cpus, args.cell_gpus, args.max_retries)
+    try:
+        srun, steps, records = run_spec(args.spec, engine)
+    except RuntimeError as err:  # cells failed: the others are saved
+        print(f"msdseg-study: {err}", file=sys.stderr)
+        return 1
+    conclusions = study_conclusions(records)
+    write_summary(srun.run_dir / "study", read_design(srun.run_dir / "study" / "design.json"),
+                  conclusions, steps)
+    print(study_table(records).round(3).to_string())
+    print(conclusions.round(2).to_string())
+    print(f"{len(records)} records in {srun.run_dir / 'study' / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
