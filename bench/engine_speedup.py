@@ -60,14 +60,18 @@ def measured(fn) -> tuple[object, dict[str, float]]:
                     "cpu_use": round(cpu / (wall * os.cpu_count()), 3)}
 
 
-def engines(cores: int) -> dict[str, EngineConfig]:
-    return {"serial": EngineConfig("serial", num_cpus=cores), "ray": EngineConfig("ray", num_cpus=1)}
+ENGINES = ("serial", "ray")
 
 
-def study_chunk(root: Path, seeds: int, generator_samples: int, cores: int) -> dict:
+def engines(cores: int, names: list[str]) -> dict[str, EngineConfig]:
+    known = {"serial": EngineConfig("serial", num_cpus=cores), "ray": EngineConfig("ray", num_cpus=1)}
+    return {name: known[name] for name in names}
+
+
+def study_chunk(root: Path, seeds: int, generator_samples: int, cores: int, names: list[str]) -> dict:
     """The chunk run by each engine in its own run folder, the steps calibrated once (not timed)."""
     out, steps_file = {}, None
-    for name, engine in engines(cores).items():
+    for name, engine in engines(cores, names).items():
         folder = root / f"study_{name}"
         shutil.rmtree(folder, ignore_errors=True)
         run = prepare_run(str(SHARED / "Task04_Hippocampus"), folder, image_size=64, seed=0, progress=False)
@@ -95,10 +99,10 @@ def study_chunk(root: Path, seeds: int, generator_samples: int, cores: int) -> d
     return out
 
 
-def cross_validation(root: Path, cores: int) -> dict:
+def cross_validation(root: Path, cores: int, names: list[str]) -> dict:
     """Task02_Heart_dev, 5 folds of notebook 04 with a fixed amount of work, by each engine."""
     out = {}
-    for name, engine in engines(cores).items():
+    for name, engine in engines(cores, names).items():
         folder = root / f"cv_{name}"
         shutil.rmtree(folder, ignore_errors=True)
         fold_dirs, jobs = fold_jobs(SHARED / "Task02_Heart_dev", folder, folds=5, papermill_args=CV_ARGS)
@@ -116,6 +120,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="cells of the study chunk (1 case, one seed each)")
     parser.add_argument("--generator-samples", type=int, default=1000, help="slices each cell's GAN trains on")
     parser.add_argument("--only", choices=["study", "cv"], help="run one of the two")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="engines to measure (a measurement split over two sittings: one each)")
     parser.add_argument("--out", type=Path, default=Path("bench/engine_speedup_cpu_2cores_fp32.json"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -123,9 +129,9 @@ def main() -> None:
               else "autocast where the hardware has it (MSDSEG_AMP unset)",
               "command": "python bench/engine_speedup.py " + " ".join(sys.argv[1:]), "cv_arguments": CV_ARGS}
     if args.only != "cv":
-        report["study_chunk"] = study_chunk(args.root, args.seeds, args.generator_samples, cores)
+        report["study_chunk"] = study_chunk(args.root, args.seeds, args.generator_samples, cores, args.engines)
     if args.only != "study":
-        report["cross_validation"] = cross_validation(args.root, cores)
+        report["cross_validation"] = cross_validation(args.root, cores, args.engines)
     write_json(args.out, report)
     print(f"wrote {args.out}")
 
