@@ -33,7 +33,7 @@ def fake_run(root, png: bytes):
                "train_seconds": 60, "parameters": 1e6, "task_dir": f"{PROJECT_ROOT}/data/Task99_Test"}
     (run / "unet" / "metrics.json").write_text(json.dumps(metrics))
     (run / "unet" / "curves.png").write_bytes(png)
-    frames = np.random.default_rng(1).integers(0, 255, (40, 256, 256, 3), dtype=np.uint8)
+    frames = np.random.default_rng(1).integers(0, 255, (20, 256, 256, 3), dtype=np.uint8)  # 1.3 MB: shrunk
     iio.imwrite(run / "unet" / "patient_c.gif", frames, extension=".gif", duration=100, loop=0)
     (run / "unet" / "best.pt").write_bytes(b"weights")
     (run / "unet" / "predictions" / "c.nii.gz").write_bytes(b"nifti")
