@@ -48,6 +48,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, foreign, unsafe or malformed."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type name when it has none), for one-line errors."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True`` (tensors and plain Python values only,
     never code), and check its kind, format version and required fields.
@@ -139,6 +144,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expected: d
         model = build_model(replace(ModelConfig(**state["model_config"]), encoder_weights=None))
         model.load_state_dict(state.pop("state_dict"))
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({first})") from err
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({first_line(err)})") from err
     return model.to(device, memory_format=torch.channels_last).eval(), state

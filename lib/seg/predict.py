@@ -38,7 +38,7 @@ from lib.common.atomic import atomic_path, read_json, write_json
 from lib.data.images2d import is_image_file, is_image_folder, read_image, write_mask
 from lib.data.nifti import channels_first, from_canonical, load_nifti, to_canonical
 from lib.data.task import MSDDataError, case_id_from_path
-from lib.seg.checkpoint import CheckpointError
+from lib.seg.checkpoint import CheckpointError, first_line
 from lib.seg.inference import load_predictor, segment_image
 from lib.seg.roi import Locator
 
@@ -87,7 +87,7 @@ class Predictor:
         except FileNotFoundError as err:
             raise CheckpointError(str(err)) from err
         except (KeyError, TypeError, RuntimeError) as err:  # e.g. a malformed region-of-interest stage
-            raise CheckpointError(f"{checkpoint}: cannot be loaded ({type(err).__name__}: {_first_line(err)})") from err
+            raise CheckpointError(f"{checkpoint}: cannot be loaded ({type(err).__name__}: {first_line(err)})") from err
         missing = [key for key in DATA_KEYS if key not in meta["data"]]
         if missing:
             raise CheckpointError(f"{checkpoint}: malformed checkpoint, its data settings lack {', '.join(missing)}")
@@ -200,11 +200,6 @@ def predict_scan(predictor: Predictor, scan: str | Path, out_dir: str | Path, *,
     return row | {"output": str(out), "error": ""}
 
 
-def _first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message (its type name when it has none)."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _some(names: list[str], shown: int = 3) -> str:
     """``a, b, c and 4 more``."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
@@ -310,7 +305,7 @@ def _remove_if_empty(out_dir: Path, created: Path | None) -> None:
 
 def _scan_error(err: Exception, scan: Path) -> str:
     """One line naming ``scan``."""
-    line = _first_line(err)
+    line = first_line(err)
     return line if str(scan) in line else f"{scan}: {line}"
 
 
