@@ -63,7 +63,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def train_config() -> TrainConfig:
-    return TrainConfig(epochs=2, batch_size=4, augment=None, device="cpu", patience=None)
+    return TrainConfig(epochs=2, batch_size=4, augment=None, device="cpu", patience=None, checkpoint_minutes=0)
 
 
 def _poisoned(src: Path, dst: Path, marker: Path) -> Path:

@@ -78,7 +78,8 @@ def test_loss_falls_and_sampling_weights_are_the_average(data, tmp_path):
     assert history[-1]["loss"] < history[0]["loss"] and model.trained_epochs == 6
     assert model.offset.item() == pytest.approx(float(images.mean()), rel=1e-5)
     state = torch.load(tmp_path / "toy.pt", weights_only=True)
-    raw = state["train_state"]["model"]["net.weight"]
+    assert "train_state" not in state  # the sampling checkpoint holds no optimiser state
+    raw = torch.load(tmp_path / "toy.train.pt", weights_only=True)["train_state"]["model"]["net.weight"]
     assert torch.equal(state["state_dict"]["net.weight"], model.net.weight.detach())  # EMA weights sample
     assert not torch.equal(raw, model.net.weight.detach())
 
@@ -93,6 +94,17 @@ def test_resume_equals_a_straight_run_and_reload_samples_identically(data, tmp_p
     loaded, cfg, history = load_generator(Toy, tmp_path / "a" / "toy.pt")
     assert cfg == ToyConfig(epochs=4) and len(history) == 4
     assert np.allclose(loaded.sample(masks[:4], 1), straight.sample(masks[:4], 1), atol=1e-6)
+
+
+def test_a_generator_kept_without_its_training_state_is_reused_not_trained_further(data, tmp_path):
+    images, masks = data
+    model, _ = train_generator(Toy, images, masks, ToyConfig(epochs=2), out_dir=tmp_path, keep_train_state=False,
+                               progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.pt"]
+    again, history = train_generator(Toy, images, masks, ToyConfig(epochs=2), out_dir=tmp_path, progress=False)
+    assert len(history) == 2 and np.allclose(again.sample(masks[:4], 1), model.sample(masks[:4], 1), atol=1e-6)
+    with pytest.raises(ValueError, match="without its training state.*beyond epoch 2"):
+        train_generator(Toy, images, masks, ToyConfig(epochs=3), out_dir=tmp_path, progress=False)
 
 
 def test_time_budget_and_mismatched_resume(data, tmp_path):

@@ -17,7 +17,7 @@ from lib.seg.train import TrainConfig
 from lib.study import run as study_run
 from lib.study.analysis import power_table, setting_label, study_conclusions
 from lib.study.cost import grid_workload, makespan, study_workload
-from lib.study.design import GENERATORS, design_run, make_design
+from lib.study.design import GENERATORS, STRATEGIES, design_run, make_design
 from lib.synth import gan
 from lib.synth.generative import TrainingCollapsed
 from lib.synth.vae import VAEConfig
@@ -53,15 +53,23 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
     assert len({tuple(design.subset(1, s)) for s in range(3)}) == 3  # each seed another patient
     assert design.subset(3, 1) == sorted(design.pool) and design.cells() == [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1)]
     strategies = [(c.strategy, c.ratio, c.shapes, c.filtered) for c in design.conditions(1)]
-    assert strategies[0] == ("real", 0.0, None, None) and len(strategies) == 9
-    assert ("mix", 2.0, "new", True) in strategies and ("mix", 1.0, "deformed", True) in strategies
-    assert ("mix", 1.0, "new", False) in strategies and len(design.conditions(3)) == 5
+    assert strategies[0] == ("real", 0.0, None, None) and len(strategies) == 10
+    assert ("add", 2.0, "new", True) in strategies and ("add", 1.0, "deformed", True) in strategies
+    assert ("add", 1.0, "new", False) in strategies and len(design.conditions(3)) == 5
+    assert ("mix", 1.0, "new", True) in strategies  # synthetic slices replacing real ones: the ablation
+    armed = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], arm="diffusion", arm_n_real=3)
+    assert [c.arm for c in armed.conditions(3)] == [None] * 5 + ["diffusion"] and armed.conditions(3)[-1].strategy == "add"
+    assert all(c.arm is None for c in armed.conditions(1)) and armed.id != design.id
+    every = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], strategies=STRATEGIES)
+    assert len(every.conditions(1)) == 10  # "add" is the ablations' mix; "mix" is in the grid already
     assert design.id == make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
     assert design.id != make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], seed=1).id
     for kwargs, message in [({"n_real": [4]}, "cannot be drawn"), ({"ratio": 0.0}, "must be positive"),
                             ({"ablation_ratios": [-1.0]}, "must be positive"), ({"seeds": [1, 1]}, "seed count"),
                             ({"generator": "vae"}, "unknown generator"), ({"strategies": ["mix"]}, "include 'real'"),
-                            ({"n_test": 5}, "no training pool")]:
+                            ({"n_test": 5}, "no training pool"), ({"arm": "spade_gan"}, "design's generator"),
+                            ({"arm": "diffusion", "arm_n_real": 2}, "not among"),
+                            ({"arm": "diffusion", "strategies": ["real", "pretrain"]}, "second arm runs with")]:
         with pytest.raises(ValueError, match=message):
             make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
 
@@ -113,21 +121,27 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
                                       engine=SERIAL)
     out = capsys.readouterr()
     assert "study cells" in out.err  # a progress bar over the grid, a line per condition
-    assert "already finished" in out.out and "cell n=1 seed=0: real + spade_gan x2, test Dice" in out.out
+    assert "already finished" in out.out and "cell n=1 seed=0: real + spade_gan x2 on top, test Dice" in out.out
     labels = sorted(setting_label(r) for r in records)
-    assert labels == sorted(["real only", "real + spade_gan x1", "spade_gan pre-training, real fine-tuning",
-                             "spade_gan only", "VAE latent segmenter", "real + spade_gan x0.5", "real + spade_gan x2",
-                             "real + spade_gan x1 (deformed shapes)", "real + spade_gan x1 (unfiltered)"])
+    assert labels == sorted(["real only", "real + spade_gan x1 on top", "spade_gan pre-training, real fine-tuning",
+                             "spade_gan only", "VAE latent segmenter", "real + spade_gan x0.5 on top",
+                             "real + spade_gan x2 on top", "real + spade_gan x1 on top (deformed shapes)",
+                             "real + spade_gan x1 on top (unfiltered)", "real + spade_gan x1"])
     assert {r["steps"] for r in records} == {steps[1]["steps"]}  # the same optimiser steps for every condition
     for r in records:
         assert RECORD_KEYS <= set(r) and r["design"] == design.id and r["train_patients"] == design.subset(1, 0)
         assert set(r["test_dice"]) == set(design.test) and 0 <= r["mean_dice"] <= 1
         assert r["generator_epochs"] == (None if r["strategy"] == "real" else 2)
         assert r["strategy"] == "latent" or 1 <= r["best_epoch"] <= steps[1]["epochs"]  # validation's choice
-        if r["strategy"] in ("mix", "pretrain", "synthetic_only"):
+        if r["strategy"] in ("add", "mix", "pretrain", "synthetic_only"):
             assert r["generator_stopped"] == "spade_gan: the discriminator wins"
-    mix2 = next(r for r in records if r["strategy"] == "mix" and r["ratio"] == 2.0)
-    assert mix2["n_synthetic_slices"] == 2 * mix2["n_real_slices"]
+            assert r["synthetic_unique_share"] == 1.0  # the filter at 0 keeps every pair: nothing repeated
+            quality = r["generator_quality"]  # the cell's generator against the validation patient
+            assert {"n", "frechet_ratio", "mask_agreement_ratio", "real_frechet"} <= set(quality)
+    quality = next(r for r in records if setting_label(r) == "real + spade_gan x1 on top")["generator_quality"]
+    assert quality["n"] >= 2 and np.isfinite(quality["frechet_ratio"]) and 0 <= quality["mask_agreement"] <= 1
+    add2 = next(r for r in records if r["strategy"] == "add" and r["ratio"] == 2.0)
+    assert add2["n_synthetic_slices"] == 2 * add2["n_real_slices"]
     kept = sorted(str(p.relative_to(run.run_dir / "study")) for p in (run.run_dir / "study").rglob("[!.]*")
                   if p.is_file())
     assert kept == ["design.json", "results.json", "steps.json"]  # records only: no checkpoints or samples
@@ -135,7 +149,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     published = publish_study(run.run_dir, "demo", results_root=tmp_path / "results")
     assert sorted(p.name for p in published.iterdir()) == ["README.md", "design.json", "results.json", "steps.json",
                                                           "steps.png", "study.png", "summary.json"]
-    assert "9 of 9 conditions done: complete" in (published / "README.md").read_text()
+    assert "10 of 10 conditions done: complete" in (published / "README.md").read_text()
 
     monkeypatch.setattr(study_run, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
     assert study_run.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False,
@@ -167,7 +181,7 @@ def test_grid_workload_counts_every_planned_condition(run):
     steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "epochs": 2, "steps": 8},
              2: {"curve": [[4, 0.1], [8, 0.3]], "epochs": 1, "steps": 4}}
     work = grid_workload(design, steps, generator_samples=100)
-    assert work == {"segmenter_epochs": 5 + 2 * 8 * 2 + 4 * 1, "latent_steps": 2 * 8 + 4, "conditions": 2 * 9 + 5,
+    assert work == {"segmenter_epochs": 5 + 2 * 9 * 2 + 4 * 1, "latent_steps": 2 * 8 + 4, "conditions": 2 * 10 + 5,
                     "generator_slices": 300, "vae_slices": 300}
 
 
@@ -238,7 +252,7 @@ def test_records_are_merged_under_a_lock_never_duplicated_and_of_one_design(run,
 def test_the_grid_on_ray_gives_the_serial_records_survives_a_killed_worker_and_resumes(run, tmp_path):
     pytest.importorskip("ray")
     design = make_design(run, n_test=2, n_val=1, n_real=[2], seeds=[2], strategies=["real", "mix"],
-                         filter_threshold=0.0)
+                         filter_threshold=0.0, ablations=False)
     gen_cfg, vae_cfg = small_configs()
     args = {"model_cfg": MODEL, "train_cfg": TRAIN, "generator_cfg": gen_cfg, "vae_cfg": vae_cfg,
             "progress": False}

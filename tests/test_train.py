@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,8 @@ def small_model(**kw):
 
 
 def cfg(**kw):
-    base = dict(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, augment=None, device="cpu", patience=None)
+    base = dict(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, augment=None, device="cpu", patience=None,
+                checkpoint_minutes=0)
     return TrainConfig(**(base | kw))
 
 
@@ -240,3 +242,53 @@ def test_msdseg_amp_0_forces_fp32(monkeypatch):
     assert amp_dtype(cpu) is None and amp_dtype(gpu) is None
     with autocast(cpu):
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
+
+
+def test_slices_added_on_top_leave_the_real_batches_and_steps_unchanged(sets, tmp_path, monkeypatch):
+    train, val, _ = sets
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "on_top": []}
+    real_loss = train_mod.loss_fn
+
+    def spy(name):
+        class Spy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.loss = real_loss(2)
+
+            def forward(self, logits, target):
+                if torch.is_grad_enabled() and logits.requires_grad:  # training steps, not validation
+                    seen[name].append(target.clone())
+                return self.loss(logits, target)
+        return lambda num_classes: Spy()
+
+    run_cfg = cfg(epochs=2, augment=train_mod.AugmentConfig())
+    monkeypatch.setattr(train_mod, "loss_fn", spy("plain"))
+    fit(train, val, small_model(), run_cfg, tmp_path / "plain", DATA, progress=False)
+    synthetic = train.subset(np.arange(5))
+    monkeypatch.setattr(train_mod, "loss_fn", spy("on_top"))
+    result = fit(train, val, small_model(), run_cfg, tmp_path / "on_top", DATA, synthetic=synthetic,
+                 synthetic_per_batch=3, progress=False)
+    assert len(seen["on_top"]) == len(seen["plain"]) > 1  # the same optimiser steps
+    for plain, on_top in zip(seen["plain"], seen["on_top"]):
+        assert len(on_top) == len(plain) + 3 and torch.equal(on_top[:len(plain)], plain)  # the same real batches
+    assert result.history[0]["slices_per_s"] > 0
+    with pytest.raises(ValueError, match="needs synthetic slices"):
+        fit(train, val, small_model(), run_cfg, tmp_path / "x", DATA, synthetic_per_batch=2, progress=False)
+    with pytest.raises(ValueError, match="do not match"):
+        bad = train.subset(np.arange(2))
+        bad = replace(bad, images=bad.images[:, :, :8, :8])
+        fit(train, val, small_model(), run_cfg, tmp_path / "y", DATA, synthetic=bad, synthetic_per_batch=2,
+            progress=False)
+
+
+def test_last_checkpoint_is_written_only_every_checkpoint_minutes(sets, tmp_path, monkeypatch):
+    train, val, _ = sets
+    writes = []
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda path, *a, **k: writes.append(Path(path).name)
+                        or real_save(path, *a, **k))
+    fit(train, val, small_model(), cfg(epochs=3, checkpoint_minutes=60), tmp_path / "a", DATA, progress=False)
+    assert "last.pt" not in writes and "best.pt" in writes  # a short run never writes the resume file
+    writes.clear()
+    fit(train, val, small_model(), cfg(epochs=3), tmp_path / "b", DATA, progress=False)
+    assert writes.count("last.pt") == 3

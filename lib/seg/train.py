@@ -60,6 +60,10 @@ class TrainConfig:
             poly decay ``(1 - progress) ** 0.9``; nnU-Net starts it at lr 0.01).
         lr_schedule: None (the optimizer's), "cosine", "poly" or "constant" (after the warm-up:
             a flattening validation curve then shows learning, not the schedule's end).
+        checkpoint_minutes: ``last.pt`` (weights, optimiser and RNG state: what resuming needs)
+            is written after an epoch once this many minutes have passed since the last write
+            (0: after every epoch). An interrupted run loses at most that much training; a short
+            run never writes the file (a third of the disk it would need at its peak).
     """
 
     epochs: int = 30
@@ -79,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     optimizer: str = "adamw"
     lr_schedule: str | None = None
+    checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -197,6 +202,8 @@ def fit(
     keep: str = "best",
     attach: dict[str, Any] | None = None,
     init: nn.Module | None = None,
+    synthetic: SliceSet | None = None,
+    synthetic_per_batch: int = 0,
     progress: bool = True,
 ) -> FitResult:
     """Train (or resume, or reuse a finished run of) a model in ``out_dir``.
@@ -208,11 +215,16 @@ def fit(
         out_dir: run folder of this model; holds checkpoints and history.
         data: data settings stored with the checkpoints (image_size, labels, split...).
         keep: "best" keeps ``best.pt`` when training ends; "none" keeps only the record
-            (``fit.json``, ``history.json``), for trials whose model is not used again.
+            (``fit.json``, ``history.json``), for trials whose model is not used again: the best
+            weights stay in memory (and in ``last.pt`` for resuming), never in a file of their own.
         attach: stored in every checkpoint as is (e.g. the region-of-interest stage the
             model needs for prediction).
         init: a model of the same architecture whose weights a new run starts from
             (fine-tuning); a resumed run continues from its own ``last.pt`` instead.
+        synthetic, synthetic_per_batch: slices added *on top of* every batch of ``train``
+            (``synthetic_per_batch`` of them, drawn and augmented with random streams of their
+            own), so the real batches, their augmentation and the steps are exactly those of a
+            run without them.
 
     Raises:
         FloatingPointError: the loss became NaN/inf; ``last.pt`` still holds the last
@@ -223,6 +235,11 @@ def fit(
         raise ValueError(f"keep={keep!r}: use 'best' or 'none'")
     if len(val) == 0:
         raise ValueError("validation set is empty: the split needs at least one val patient")
+    if synthetic_per_batch and (synthetic is None or len(synthetic) == 0):
+        raise ValueError(f"synthetic_per_batch={synthetic_per_batch} needs synthetic slices")
+    if synthetic is not None and synthetic.images.shape[1:] != train.images.shape[1:]:
+        raise ValueError(f"synthetic slices of shape {synthetic.images.shape[1:]} do not match the training "
+                         f"slices' {train.images.shape[1:]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last, done = out_dir / "last.pt", out_dir / "fit.json"
@@ -230,13 +247,17 @@ def fit(
         return _finished(done, model_cfg, data)
     seed_everything(cfg.seed)
     run = _Trainer(model_cfg, cfg, data, steps_per_epoch=max(1, math.ceil((cfg.samples_per_epoch or len(train)) / cfg.batch_size)),
-                   pretrained=not last.exists(), attach=attach)
+                   pretrained=not last.exists(), attach=attach, best_file=keep == "best")
     if last.exists():
         run.restore(last)
     elif init is not None:
         run.model.load_state_dict(init.state_dict())
     train_x = torch.from_numpy(train.images).to(run.device)
     train_y = torch.from_numpy(train.masks).to(run.device)
+    extra = None
+    if synthetic_per_batch:
+        extra = (torch.from_numpy(synthetic.images).to(run.device), torch.from_numpy(synthetic.masks).to(run.device),
+                 synthetic.masks, synthetic_per_batch)
     origin = time.perf_counter() - run.spent  # when training began, counting earlier sessions
     t_start, stopped = time.perf_counter(), "epochs"
     if run.spent >= run.budget_s:  # resumed after the budget was spent
@@ -244,7 +265,7 @@ def fit(
     elif run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
         stopped = "early stopping"
     while stopped == "epochs" and run.epoch < cfg.epochs:
-        row, out_of_time = run.train_epoch(train_x, train_y, train.masks, origin, last, progress)
+        row, out_of_time = run.train_epoch(train_x, train_y, train.masks, origin, last, progress, extra)
         row |= run.validate(val)
         run.spent += time.perf_counter() - t_start
         t_start = time.perf_counter()
@@ -257,14 +278,14 @@ def fit(
         elif cfg.patience and run.epoch - run.best_epoch >= cfg.patience:
             stopped = "early stopping"
     best = out_dir / "best.pt"
-    run.model.load_state_dict(read_checkpoint(best)["state_dict"])
+    run.model.load_state_dict(read_checkpoint(best)["state_dict"] if keep == "best" else run.best_state)
     run.model.eval()
     write_json(done, {"stopped": stopped, "best_epoch": run.best_epoch, "best_val_dice": run.best_dice,
                       "train_seconds": run.spent, "epochs": run.epoch, "model_config": model_cfg.to_dict(),
                       "data": data, "train_config": cfg.to_dict(), "hardware": hardware(run.device)})
     last.unlink(missing_ok=True)
     if keep == "none":
-        best.unlink(missing_ok=True)
+        best.unlink(missing_ok=True)  # of an earlier "best" try of the same run
     return FitResult(run.model, run.history, run.best_epoch, run.best_dice, stopped, run.spent, out_dir)
 
 
@@ -287,8 +308,10 @@ class _Trainer:
     """The mutable state of one training run: model, optimiser, schedule, RNGs, history."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: dict[str, Any], steps_per_epoch: int,
-                 pretrained: bool = True, attach: dict[str, Any] | None = None) -> None:
+                 pretrained: bool = True, attach: dict[str, Any] | None = None, best_file: bool = True) -> None:
         self.model_cfg, self.cfg, self.data, self.steps = model_cfg, cfg, data, steps_per_epoch
+        self.best_file = best_file  # False: the best weights are kept in memory (and last.pt), not in best.pt
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.attach = attach or {}
         self.device = get_device(cfg.device)
         # A resumed run loads its weights from last.pt: no pretrained download needed.
@@ -302,8 +325,12 @@ class _Trainer:
         self.criterion = loss_fn(model_cfg.num_classes)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
+        # slices added on top of the real batches draw from streams of their own: the real batches stay as without them
+        self.extra_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.extra_rng = np.random.default_rng([cfg.seed, 7919])
         self.history: list[dict[str, Any]] = []
         self.best_dice, self.best_epoch, self.epoch, self.spent, self.step = -1.0, 0, 0, 0.0, 0
+        self.saved_at = time.monotonic()  # when last.pt was last written (or training began)
 
     def restore(self, last: Path) -> None:
         """Continue from ``last.pt`` (same model and data settings, else ValueError)."""
@@ -314,18 +341,27 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["generator"])
         self.rng.bit_generator.state = state["rng"]
+        if "extra_rng" in state:  # written since slices can be added on top of the batches
+            self.extra_gen.set_state(state["extra_generator"])
+            self.extra_rng.bit_generator.state = state["extra_rng"]
         self.history, self.best_dice, self.best_epoch = state["history"], state["best_val_dice"], state["best_epoch"]
+        self.best_state = state.get("best_state")
         self.epoch, self.spent, self.step = state["epoch"], state["train_seconds"], state["step"]
         print(f"resuming from {last} at epoch {self.epoch}")
 
     def train_epoch(self, train_x: torch.Tensor, train_y: torch.Tensor, masks: np.ndarray, origin: float,
-                    last: Path, progress: bool) -> tuple[dict[str, Any], bool]:
+                    last: Path, progress: bool, extra: tuple | None = None) -> tuple[dict[str, Any], bool]:
         """One epoch of optimiser steps; stops early (returning True) once the time budget,
-        counted from ``origin`` (a ``time.perf_counter`` value), is spent."""
+        counted from ``origin`` (a ``time.perf_counter`` value), is spent. ``extra``: (images,
+        masks, masks as numpy, per batch) of slices added on top of each batch."""
         cfg, epoch = self.cfg, self.epoch + 1
         self.model.train()
         t_epoch, wait, losses, out_of_time = time.perf_counter(), 0.0, [], False
         idx = torch.from_numpy(sample_indices(masks, self.steps * cfg.batch_size, cfg.foreground_share, self.rng))
+        if extra is not None:
+            extra_x, extra_y, extra_masks, k = extra
+            extra_idx = torch.from_numpy(sample_indices(extra_masks, self.steps * k, cfg.foreground_share,
+                                                        self.extra_rng))
         bar = tqdm(range(self.steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             t0 = time.perf_counter()
@@ -336,6 +372,12 @@ class _Trainer:
             wait += time.perf_counter() - t0
             if cfg.augment is not None:
                 x, y = augment_batch(x, y, cfg.augment, self.gen)
+            if extra is not None:
+                sel = extra_idx[step * k:(step + 1) * k].to(self.device)
+                ex, ey = extra_x[sel].float(), extra_y[sel].long()
+                if cfg.augment is not None:
+                    ex, ey = augment_batch(ex, ey, cfg.augment, self.extra_gen)
+                x, y = torch.cat([x, ex]), torch.cat([y, ey])
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = cfg.lr * lr_factor(self.step, cfg.epochs * self.steps, cfg.warmup_steps,
@@ -360,9 +402,10 @@ class _Trainer:
                 out_of_time = True
                 break
         seconds = time.perf_counter() - t_epoch
+        per_step = cfg.batch_size + (extra[3] if extra is not None else 0)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": self.optimizer.param_groups[0]["lr"],
                "seconds": seconds, "data_wait_share": wait / seconds,
-               "slices_per_s": len(losses) * cfg.batch_size / seconds}
+               "slices_per_s": len(losses) * per_step / seconds}
         return row, out_of_time
 
     def validate(self, val: SliceSet) -> dict[str, float]:
@@ -374,21 +417,30 @@ class _Trainer:
         return {"val_loss": val_loss, "val_dice": float(np.nanmean(dices)) if dices else float("nan")}
 
     def record(self, row: dict[str, Any], out_dir: Path) -> None:
-        """Append the epoch to the history; save best.pt (if better), last.pt and history.json."""
+        """Append the epoch to the history; save best.pt (if better), history.json, and last.pt
+        when ``checkpoint_minutes`` have passed since its last write."""
         self.epoch = row["epoch"]
         self.history.append(row)
         meta = {"history": self.history, "train_seconds": self.spent, "train_config": self.cfg.to_dict(), **self.attach}
         if row["val_dice"] > self.best_dice:
             self.best_dice, self.best_epoch = row["val_dice"], self.epoch
-            save_checkpoint(out_dir / "best.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
-                            best_val_dice=self.best_dice, **meta)
+            if self.best_file:
+                save_checkpoint(out_dir / "best.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
+                                best_val_dice=self.best_dice, **meta)
+            else:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        write_json(out_dir / "history.json", self.history)
+        if time.monotonic() - self.saved_at < 60 * self.cfg.checkpoint_minutes:
+            return
+        self.saved_at = time.monotonic()
         save_checkpoint(
             out_dir / "last.pt", self.model, self.model_cfg, self.data, epoch=self.epoch,
             best_val_dice=self.best_dice, best_epoch=self.best_epoch, optimizer=self.optimizer.state_dict(),
             step=self.step, scaler=self.scaler.state_dict(), generator=self.gen.get_state(),
-            rng=self.rng.bit_generator.state, **meta,
+            rng=self.rng.bit_generator.state, extra_generator=self.extra_gen.get_state(),
+            extra_rng=self.extra_rng.bit_generator.state,
+            **({} if self.best_file else {"best_state": self.best_state}), **meta,
         )
-        write_json(out_dir / "history.json", self.history)
 
 
 def _logits_like(probs: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:

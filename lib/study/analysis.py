@@ -35,7 +35,8 @@ def setting_label(r: dict[str, Any] | pd.Series) -> str:
     if strategy == "synthetic_only":
         return f"{gen} only"
     notes = ["deformed shapes"] * (r["shapes"] == "deformed") + ["unfiltered"] * (not r["filtered"])
-    return f"real + {gen} x{r['ratio']:g}" + (f" ({', '.join(notes)})" if notes else "")
+    on_top = " on top" if strategy == "add" else ""  # "mix": synthetic slices take the place of real ones
+    return f"real + {gen} x{r['ratio']:g}{on_top}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def study_table(records: list[dict[str, Any]]) -> pd.DataFrame:

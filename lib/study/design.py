@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # the design itself needs no torch: the run is only passed th
 GENERATORS = ("spade_gan", "diffusion")  # image generators a design may name (lib.study.run trains them)
 
 
-STRATEGIES = ("real", "mix", "pretrain", "synthetic_only", "latent")
+STRATEGIES = ("real", "add", "mix", "pretrain", "synthetic_only", "latent")
+DEFAULT_STRATEGIES = ("real", "add", "pretrain", "synthetic_only", "latent")  # "mix" (replace) is an ablation
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,11 @@ class Condition:
     ratio: float = 0.0  # synthetic slices per real slice (0 for real only and the latent segmenter)
     shapes: str | None = None  # "new" (shape model) or "deformed" (real masks); None without synthetic slices
     filtered: bool | None = None
+    arm: str | None = None  # another image generator than the design's (its second arm); None: the design's
 
     @property
     def synthetic(self) -> bool:
-        return self.strategy in ("mix", "pretrain", "synthetic_only")
+        return self.strategy in ("add", "mix", "pretrain", "synthetic_only")
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,23 @@ class StudyDesign:
     n_real: tuple[int, ...]
     seeds: tuple[int, ...]  # number of seeds (training subsets) for each entry of n_real
     generator: str = "spade_gan"
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = STRATEGIES  # the studies published before "add" existed ran all of these
     ratio: float = 1.0
     ablation_n_real: int | None = 1
     ablation_ratios: tuple[float, ...] = (0.5, 2.0)
     filter_threshold: float = 0.5
     seed: int = 0
+    arm: str | None = None  # a second image generator, run with the primary mix at ``arm_n_real`` only
+    arm_n_real: int | None = None
 
     @property
     def id(self) -> str:
         """Short hash of the design: every record carries it."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        for name in ("arm", "arm_n_real"):  # added later: designs without an arm keep their ids
+            if fields[name] is None:
+                del fields[name]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     def subset(self, n: int, seed: int) -> list[str]:
@@ -80,15 +88,24 @@ class StudyDesign:
         return [(n, s) for n, k in zip(self.n_real, self.seeds) for s in range(k)]
 
     def conditions(self, n: int) -> list[Condition]:
-        """The conditions of a cell with ``n`` real patients, real only first."""
-        main = [c for c in (Condition("real"), Condition("mix", self.ratio, "new", True),
-                            Condition("pretrain", self.ratio, "new", True),
-                            Condition("synthetic_only", self.ratio, "new", True), Condition("latent"))
-                if c.strategy in self.strategies]
-        if n != self.ablation_n_real or "mix" not in self.strategies:
+        """The conditions of a cell with ``n`` real patients, real only first. At
+        ``ablation_n_real`` the primary mix ("add" if the design has it, else "mix") is also
+        run at the ``ablation_ratios``, with deformed real masks, and without the filter; with
+        "add" primary, "mix" (synthetic slices replacing real ones) is one more ablation. At
+        ``arm_n_real`` the primary mix is run with the second generator ``arm`` too."""
+        main = [Condition("real")] + [Condition(s, self.ratio, "new", True) for s in ("add", "mix", "pretrain",
+                                                                                    "synthetic_only")
+                                      if s in self.strategies] + [Condition("latent")] * ("latent" in self.strategies)
+        primary = "add" if "add" in self.strategies else "mix"
+        if self.arm and n == self.arm_n_real:
+            main.append(Condition(primary, self.ratio, "new", True, self.arm))
+        if n != self.ablation_n_real or primary not in self.strategies:
             return main
-        return main + [Condition("mix", r, "new", True) for r in self.ablation_ratios] + [
-            Condition("mix", self.ratio, "deformed", True), Condition("mix", self.ratio, "new", False)]
+        extra = [Condition(primary, r, "new", True) for r in self.ablation_ratios] + [
+            Condition(primary, self.ratio, "deformed", True), Condition(primary, self.ratio, "new", False)]
+        if primary == "add" and "mix" not in self.strategies:
+            extra.append(Condition("mix", self.ratio, "new", True))
+        return main + extra
 
     def split(self) -> dict[str, Any]:
         return {"train": list(self.pool), "val": list(self.val), "test": list(self.test), "seed": self.seed,
@@ -96,13 +113,14 @@ class StudyDesign:
 
 
 def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: list[int],
-                generator: str = "spade_gan", strategies: list[str] = STRATEGIES, ratio: float = 1.0,
+                generator: str = "spade_gan", strategies: list[str] = DEFAULT_STRATEGIES, ratio: float = 1.0,
                 ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0,
-                ablations: bool = True) -> StudyDesign:
+                ablations: bool = True, arm: str | None = None, arm_n_real: int | None = None) -> StudyDesign:
     """Hold out ``n_test`` test and ``n_val`` validation patients of the run's task (drawn by
     ``seed`` from all its patients); the rest is the training pool. ``strategies`` (real only
-    always among them) trims the grid; the ablations run at 1 real patient with "mix" (none
-    with ``ablations=False``, as the demo's short study).
+    always among them) trims the grid; the ablations run at the smallest patient count with the
+    primary mix (none with ``ablations=False``, as the demo's short study). ``arm``: a second
+    image generator run with the primary mix at ``arm_n_real`` patients (default: the smallest).
 
     Raises:
         ValueError: a patient count the pool cannot supply, seeds not matching ``n_real``, a
@@ -121,8 +139,18 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
         raise ValueError(f"study design: n_real {bad} cannot be drawn from a training pool of {len(pool)} patients")
     if bad_r := [r for r in (ratio, *ablation_ratios) if not r > 0]:
         raise ValueError(f"study design: synthetic:real ratios must be positive, got {bad_r}")
-    if generator not in GENERATORS:
-        raise ValueError(f"study design: unknown generator {generator!r}; choose one of {sorted(GENERATORS)}")
+    if bad_g := [g for g in (generator, arm) if g is not None and g not in GENERATORS]:
+        raise ValueError(f"study design: unknown generator {bad_g[0]!r}; choose one of {sorted(GENERATORS)}")
+    if arm == generator:
+        raise ValueError(f"study design: the second arm {arm!r} is the design's generator already")
+    if arm is not None and not {"add", "mix"} & set(strategies):
+        raise ValueError("study design: a second arm runs with the mix of real and synthetic slices: add 'add' or 'mix'")
+    if arm is not None:
+        arm_n_real = min(n_real) if arm_n_real is None else int(arm_n_real)
+        if arm_n_real not in n_real:
+            raise ValueError(f"study design: the second arm's patient count {arm_n_real} is not among n_real={n_real}")
+    else:
+        arm_n_real = None
     if not 0 <= filter_threshold <= 1:
         raise ValueError(f"study design: filter threshold {filter_threshold} must lie in [0, 1]")
     if "real" not in strategies or set(strategies) - set(STRATEGIES):
@@ -130,9 +158,9 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
     return StudyDesign(run.task.name, tuple(sorted(test)), tuple(sorted(val)), tuple(sorted(pool)),
                        tuple(int(n) for n in n_real), tuple(int(k) for k in seeds), generator,
                        tuple(s for s in STRATEGIES if s in strategies), float(ratio),
-                       1 if ablations and 1 in n_real else None, tuple(float(r) for r in ablation_ratios),
+                       min(n_real) if ablations and n_real else None, tuple(float(r) for r in ablation_ratios),
                        float(filter_threshold),
-                       seed)
+                       seed, arm, arm_n_real)
 
 
 def design_run(run: Run, design: StudyDesign) -> Run:

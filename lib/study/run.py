@@ -7,17 +7,25 @@ real patients ``n`` several seeds, each drawing another subset of the pool (pati
 is part of the spread). Every cell ``(n, seed)`` trains:
 
 * ``real``: the U-Net on the subset's real slices (classic augmentation on: the baseline);
-* ``mix``: real + synthetic slices (``ratio`` synthetic per real slice);
+* ``add``: every real batch of real only, with ``ratio`` x batch size synthetic slices added on top
+  (the same real batches, augmentation and steps: real data kept whole);
+* ``mix``: real + synthetic slices in one set (``ratio`` synthetic per real slice) for the same
+  steps, so synthetic slices take the place of real ones (the earlier studies' design; an ablation
+  when ``add`` is the primary mix);
 * ``pretrain``: half of the steps on synthetic slices, then fine-tuning on real ones;
 * ``synthetic_only``: synthetic slices alone;
 * ``latent``: the VAE latent-space segmenter (the seed baseline);
-* at ``ablation_n_real`` only: mix at the ``ablation_ratios``, deformed real masks instead
-  of the shape model's new ones, and no sample filter.
+* at ``ablation_n_real`` only: the primary mix at the ``ablation_ratios``, deformed real masks
+  instead of the shape model's new ones, and no sample filter; at ``arm_n_real`` the primary
+  mix with the design's second image generator (``arm``).
 
 Synthetic pairs (:mod:`lib.synth.pairs`) come from a mask-conditioned image generator
 (:mod:`lib.synth.gan` or :mod:`lib.synth.diffusion`) fed by masks of the shape model or deformed
-real masks (:mod:`lib.synth.masks`), filtered by the cell's real-only U-Net. The
-generators, shape model and filter see only the cell's real patients. The latent segmenter is
+real masks (:mod:`lib.synth.masks`), filtered by the cell's real-only U-Net; never repeated (a
+pool that stays short after several rounds of generation is used as it is, and its records
+give the unique share). Every pool's generator is measured on the quality table against the
+validation patients (never the test ones) and its record carries the row. The generators,
+shape model and filter see only the cell's real patients. The latent segmenter is
 :mod:`lib.study.latent`.
 
 **Fairness**: within a patient count every condition trains for the same number of
@@ -66,6 +74,7 @@ from lib.study.analysis import setting_label
 from lib.study.design import Condition, StudyDesign
 from lib.synth import diffusion, gan, pairs, vae
 from lib.synth.generative import TrainingCollapsed, load_generator
+from lib.synth.quality import quality_table
 from lib.synth.shapes import ShapeModel, ShapeModelConfig
 
 IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images, gan.SPADEGAN),
@@ -145,7 +154,7 @@ def _patients(slices: SliceSet, patients: list[str]) -> SliceSet:
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    return (r["strategy"], r["shapes"], r["filtered"], float(r["ratio"]), r["n_real"], r["seed"])
+    return (r["strategy"], r["shapes"], r["filtered"], float(r["ratio"]), r.get("arm"), r["n_real"], r["seed"])
 
 
 def load_records(path: Path, design: StudyDesign) -> list[dict[str, Any]]:
@@ -171,6 +180,14 @@ def add_records(path: Path, new: list[dict[str, Any]], design: StudyDesign) -> l
 
 
 @dataclass
+class _Pool:
+    """A cell's synthetic pairs of one (generator, mask source, filter) and what was measured on them."""
+
+    slices: SliceSet
+    info: dict[str, Any]  # kept_share, unique_share, quality (the generator's row against the validation patients)
+
+
+@dataclass
 class _Cell:
     """What one (n_real, seed) cell shares between its conditions."""
 
@@ -179,24 +196,26 @@ class _Cell:
     real: SliceSet
     work: Path
     real_model: torch.nn.Module | None = None
-    generator: Any = None
+    generators: dict[str, Any] = field(default_factory=dict)
+    stopped: dict[str, str | None] = field(default_factory=dict)  # why a generator stopped before its epochs
     shape_model: ShapeModel | None = None
-    pools: dict[tuple[str, bool], tuple[SliceSet, float]] = field(default_factory=dict)
-    generator_stopped: str | None = None  # why the image generator stopped before its epochs, if it did
+    pools: dict[tuple[str, str, bool], _Pool] = field(default_factory=dict)
 
 
 def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
              steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
-             vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
-             generator_samples: int | None = None, device: str = "cpu", done: frozenset[tuple] = frozenset(),
-             progress: bool = True) -> list[dict[str, Any]]:
+             vae_cfg: vae.VAEConfig, *, arm_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig | None = None,
+             shape_cfg: ShapeModelConfig | None = None, generator_samples: int | None = None, device: str = "cpu",
+             done: frozenset[tuple] = frozenset(), progress: bool = True) -> list[dict[str, Any]]:
     """Train and score the conditions of cell ``(n, seed)`` that are not in ``done`` (keys of
     records already written); returns their records. The conditions share the cell's real-only
-    U-Net (the sample filter), image generator and shape model. Pure apart from the cell's own
-    folder ``study/work/n<n>_s<seed>``, where finished trainings and generators are kept until
-    the caller has saved the records, so a cell that is interrupted and run again resumes: the
-    records of its finished conditions wait in ``records.json`` there, and each condition's
-    checkpoints are removed once it is scored (only real only's U-Net and the generators stay)."""
+    U-Net (the sample filter and the reference of the generators' quality), image generators
+    (``generator_cfg`` for the design's, ``arm_cfg`` for its second arm) and shape model. Pure
+    apart from the cell's own folder ``study/work/n<n>_s<seed>``, where finished trainings and
+    generators are kept until the caller has saved the records, so a cell that is interrupted and
+    run again resumes: the records of its finished conditions wait in ``records.json`` there, and
+    each condition's checkpoints are removed once it is scored (only real only's U-Net and the
+    generators stay)."""
     work = cell_folder(run, n, seed)
     partial = work / "records.json"  # conditions an earlier try of this cell finished
     records = [r for r in (read_json(partial) if partial.is_file() else []) if _key(r) not in done]
@@ -204,20 +223,25 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
     todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in have]
     if not todo:
         return records
+    if design.arm and arm_cfg is None and any(c.arm for c in todo):
+        raise ValueError(f"cell n={n} seed={seed}: the design's second arm {design.arm!r} needs its arm_cfg")
     train, val, test = run.slices("train"), run.slices("val"), run.slices("test")
     truths = truth_volumes(test)
     patients = design.subset(n, seed)
     cell = _Cell(n, seed, _patients(train, patients), work)
     cfg = replace(train_cfg, epochs=steps[n]["epochs"], seed=seed, device=device)
     gen_epochs = math.ceil(generator_samples / len(cell.real)) if generator_samples else generator_cfg.epochs
-    gen_cfg, cell_vae_cfg = replace(generator_cfg, epochs=gen_epochs), replace(vae_cfg, epochs=gen_epochs)
-    for cond in design.conditions(n):  # real only first: the filter uses its U-Net
+    gen_cfgs = {design.generator: replace(generator_cfg, epochs=gen_epochs)}
+    if design.arm and arm_cfg is not None:
+        gen_cfgs[design.arm] = replace(arm_cfg, epochs=gen_epochs)
+    cell_vae_cfg = replace(vae_cfg, epochs=gen_epochs)
+    for cond in design.conditions(n):  # real only first: the filter and the quality table use its U-Net
         finished = cond not in todo
-        if finished and (cond.strategy != "real" or not _filters(todo)):
+        if finished and (cond.strategy != "real" or not any(c.synthetic for c in todo)):
             continue
         t0 = time.perf_counter()  # a finished real-only U-Net is reloaded from the cell's folder
         scores, extra = _train_condition(cond, cell, cfg, run, design, model_cfg, val, test, truths,
-                                         gen_cfg, cell_vae_cfg, shape_cfg, device)
+                                         gen_cfgs, cell_vae_cfg, shape_cfg, device)
         if finished:
             continue
         records.append(_fields(cond, n, seed) | {
@@ -240,7 +264,8 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
 
 def _condition_name(cond: Condition) -> str:
     """The folder name of a condition's trainings in its cell."""
-    return f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}"
+    arm = f"_{cond.arm}" if cond.arm else ""
+    return f"{cond.strategy}_r{cond.ratio:g}_{cond.shapes}_{'f' if cond.filtered else 'u'}{arm}"
 
 
 def cell_folder(run: Run, n: int, seed: int) -> Path:
@@ -283,49 +308,46 @@ def run_cells(run: Run, design: StudyDesign, jobs: list[Job], engine: EngineConf
 
 def run_study(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig,
               steps: dict[int, dict[str, Any]], generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig,
-              vae_cfg: vae.VAEConfig, *, shape_cfg: ShapeModelConfig | None = None,
-              generator_samples: int | None = None, device: str = "cpu", engine: EngineConfig | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              vae_cfg: vae.VAEConfig, *, arm_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig | None = None,
+              shape_cfg: ShapeModelConfig | None = None, generator_samples: int | None = None, device: str = "cpu",
+              engine: EngineConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run every cell of the design not yet recorded (``run`` from :func:`design_run`) on
     ``engine`` (:mod:`lib.common.engine`: default Ray on this machine or ``$RAY_ADDRESS``'s cluster); returns all
     records of ``study/results.json``. ``steps`` comes from :func:`calibrate_steps`.
-    ``generator_samples``: slices each cell's generators (image generator and VAE) see in
+    ``generator_samples``: slices each cell's generators (image generators and VAE) see in
     training, so a cell of 1 patient trains them as many steps as a cell of 20 (None: the
-    configs' epochs). Raises ValueError for records of another design, RuntimeError naming the
-    cells that failed (for example on a generator checkpoint in a cell's folder that was
-    trained on other patients)."""
+    configs' epochs). ``arm_cfg``: the settings of the design's second generator, if it has one.
+    Raises ValueError for records of another design, RuntimeError naming the cells that failed
+    (for example on a generator checkpoint in a cell's folder that was trained on other patients)."""
     records = load_records(run.run_dir / "study" / "results.json", design)
     jobs = cell_jobs(run, design, records, model_cfg=model_cfg, train_cfg=train_cfg, steps=steps,
-                     generator_cfg=generator_cfg, vae_cfg=vae_cfg, shape_cfg=shape_cfg,
+                     generator_cfg=generator_cfg, vae_cfg=vae_cfg, arm_cfg=arm_cfg, shape_cfg=shape_cfg,
                      generator_samples=generator_samples, device=device, progress=progress)
     return run_cells(run, design, jobs, engine, progress)
 
 
 def _fields(cond: Condition, n: int, seed: int) -> dict[str, Any]:
     return {"strategy": cond.strategy, "shapes": cond.shapes, "filtered": cond.filtered, "ratio": cond.ratio,
-            "n_real": n, "seed": seed}
-
-
-def _filters(conditions: list[Condition]) -> bool:
-    return any(c.synthetic and c.filtered for c in conditions)
+            "arm": cond.arm, "n_real": n, "seed": seed}
 
 
 def _generator_name(cond: Condition, design: StudyDesign) -> str | None:
-    return design.generator if cond.synthetic else "vae" if cond.strategy == "latent" else None
+    return (cond.arm or design.generator) if cond.synthetic else "vae" if cond.strategy == "latent" else None
 
 
 def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, design: StudyDesign,
                      model_cfg: ModelConfig, val: SliceSet, test: SliceSet, truths: dict[str, np.ndarray],
-                     generator_cfg: Any, vae_cfg: vae.VAEConfig, shape_cfg: ShapeModelConfig | None,
+                     gen_cfgs: dict[str, Any], vae_cfg: vae.VAEConfig, shape_cfg: ShapeModelConfig | None,
                      device: str) -> tuple[dict[str, float], dict[str, Any]]:
     """Train one condition of a cell; returns its per-patient test Dice and extra record fields."""
     name = _condition_name(cond)
 
     chosen: dict[str, int] = {}
 
-    def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None):
+    def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None,
+              **on_top: Any):  # only real only's U-Net is kept on disk: the filter of a resumed cell needs it
         result = fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
-                     init=init, progress=False)
+                     keep="best" if cond.strategy == "real" else "none", init=init, progress=False, **on_top)
         chosen["best_epoch"] = result.best_epoch  # the epoch validation chose, of the last training
         return result.model
 
@@ -344,9 +366,17 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
         model = train(cell.real, "", cfg)
         cell.real_model = model
         return _score(model, test, truths, run, device), dict(chosen)
-    synth, kept = _synthetic(cell, cond, design, generator_cfg, shape_cfg, run, device)
-    extra = {"n_synthetic_slices": len(synth), "synthetic_kept_share": kept, "generator_stopped": cell.generator_stopped}
-    if cond.strategy == "mix":
+    pool = _synthetic(cell, cond, design, gen_cfgs, shape_cfg, run, val, device)
+    generator = cond.arm or design.generator
+    n_synth = min(len(pool.slices), max(1, round(cond.ratio * len(cell.real))))
+    synth = pool.slices.subset(np.arange(n_synth))
+    extra = {"n_synthetic_slices": n_synth, "synthetic_kept_share": pool.info["kept_share"],
+             "synthetic_unique_share": n_synth / max(1, round(cond.ratio * len(cell.real))),
+             "generator_quality": pool.info["quality"], "generator_stopped": cell.stopped.get(generator)}
+    if cond.strategy == "add":  # every real batch of real only, the synthetic slices on top
+        model = train(cell.real, "", cfg, synthetic=synth,
+                      synthetic_per_batch=max(1, round(cond.ratio * cfg.batch_size)))
+    elif cond.strategy == "mix":  # synthetic slices take the place of some real ones in the same steps
         model = train(concat(cell.real, synth), "", cfg)
     elif cond.strategy == "synthetic_only":
         model = train(synth, "", cfg)
@@ -362,49 +392,84 @@ def _score(model: torch.nn.Module, test: SliceSet, truths: dict[str, np.ndarray]
     return score_slices(predict_probs(model, test.images, device=device), test, truths, run.labels)
 
 
-def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, generator_cfg: Any,
-               shape_cfg: ShapeModelConfig | None, run: Run, device: str) -> tuple[SliceSet, float]:
-    """``ratio x`` the cell's real slices in synthetic pairs of the condition's mask source and
-    filter setting, and the share of drawn pairs the filter kept. Pairs are drawn once per
-    (source, filter) for the cell's largest ratio and cached in the cell's folder, so a resumed
-    cell trains on the same pairs."""
-    key = (cond.shapes, bool(cond.filtered))
-    if key not in cell.pools:
-        train_fn, generate, kind = IMAGE_GENERATORS[design.generator]
-        images, masks = cell.real.images.astype(np.float32), cell.real.masks
-        if cell.generator is None:
-            out_dir = cell.work / design.generator
-            try:
-                cell.generator, _ = train_fn(images, masks, replace(generator_cfg, seed=cell.seed), device=device,
-                                             out_dir=out_dir, progress=False)
-            except TrainingCollapsed as err:  # on one patient's slices a discriminator can win: keep the last good epoch
-                cell.generator = load_generator(kind, out_dir / f"{kind.KIND}.pt", device)[0]
-                cell.generator_stopped = str(err)
-        if cell.shape_model is None and cond.shapes == "new":
-            cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
-                                                                                 seed=cell.seed))
-        need = max(max(1, round(c.ratio * len(cell.real))) for c in design.conditions(cell.n)
-                   if c.synthetic and (c.shapes, bool(c.filtered)) == key)
-        file = cell.work / f"synthetic_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
-        if not file.is_file():
-            drawn = 2 * need if cond.filtered else need  # the filter drops some: draw twice as many
-            if cond.filtered and cell.real_model is None:
-                raise RuntimeError("the sample filter needs the cell's real-only U-Net; train it first")
-            kept = pairs.make_pairs(
-                generate, cell.generator, cond.shapes, drawn, cell.seed, shape_model=cell.shape_model,
-                train_masks=masks, num_classes=run.task.num_classes, device=device,
-                predict_fn=workflow.predict_masks_fn(cell.real_model, device) if cond.filtered else None,
-                threshold=design.filter_threshold)
-            reps = np.resize(np.arange(len(kept.masks)), need)  # too few kept: cycle through them
-            save_pairs(file, kept.images[reps], kept.masks[reps], {"kept_share": float(kept.kept.mean()),
-                                                                  "seed": cell.seed})
-        with np.load(file) as z:
-            share = json.loads(str(z["meta"]))["kept_share"]
-        cell.pools[key] = (load_pairs(file, source=f"synthetic_{design.generator}"), share)
-    pool, share = cell.pools[key]
-    n_synth = max(1, round(cond.ratio * len(cell.real)))
-    return pool.subset(np.arange(n_synth)), share
+MAX_DRAWS = 4  # rounds of generation before a cell settles for fewer unique synthetic pairs than it needs
 
+
+def _generator(cell: _Cell, name: str, cfg: Any, device: str) -> Any:
+    """The cell's image generator ``name``, trained on its real slices (once; resumed from its folder)."""
+    if name not in cell.generators:
+        train_fn, _, kind = IMAGE_GENERATORS[name]
+        out_dir = cell.work / name
+        try:
+            cell.generators[name], _ = train_fn(cell.real.images.astype(np.float32), cell.real.masks,
+                                                replace(cfg, seed=cell.seed), device=device, out_dir=out_dir,
+                                                progress=False)
+            cell.stopped[name] = None
+        except TrainingCollapsed as err:  # on one patient's slices a discriminator can win: keep the last good epoch
+            cell.generators[name] = load_generator(kind, out_dir / f"{kind.KIND}.pt", device)[0]
+            cell.stopped[name] = str(err)
+    return cell.generators[name]
+
+
+def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, gen_cfgs: dict[str, Any],
+               shape_cfg: ShapeModelConfig | None, run: Run, val: SliceSet, device: str) -> _Pool:
+    """The cell's pool of unique synthetic pairs for the condition's generator, mask source and
+    filter: as many as its largest ratio needs (ratio x the cell's real slices), drawn in rounds
+    of new masks and images until the filter has kept enough (at most :data:`MAX_DRAWS`; a pool
+    that stays short is used as it is, never repeated, and its records say so). Kept in the
+    cell's folder, so a resumed cell trains on the same pairs, with the generator's quality
+    table row against the validation patients (never the test ones)."""
+    generator = cond.arm or design.generator
+    key = (generator, cond.shapes, bool(cond.filtered))
+    if key in cell.pools:
+        return cell.pools[key]
+    masks = cell.real.masks
+    if cell.shape_model is None and cond.shapes == "new":
+        cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
+                                                                             seed=cell.seed))
+    need = max(max(1, round(c.ratio * len(cell.real))) for c in design.conditions(cell.n)
+               if c.synthetic and (c.arm or design.generator, c.shapes, bool(c.filtered)) == key)
+    file = cell.work / f"synthetic_{generator}_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
+    if not file.is_file():
+        if cell.real_model is None:
+            raise RuntimeError("the sample filter and the quality table need the cell's real-only U-Net; train it first")
+        model = _generator(cell, generator, gen_cfgs[generator], device)
+        generate = IMAGE_GENERATORS[generator][1]
+        predict = workflow.predict_masks_fn(cell.real_model, device)
+        images, kept_masks, drawn, passed = [], [], 0, 0
+        for draw in range(MAX_DRAWS):
+            missing = need - sum(len(m) for m in kept_masks)
+            if missing <= 0:
+                break
+            n_draw = 2 * missing if cond.filtered else missing  # the filter drops some: draw twice as many
+            try:
+                kept = pairs.make_pairs(generate, model, cond.shapes, n_draw, cell.seed * 1000 + draw,
+                                        shape_model=cell.shape_model, train_masks=masks,
+                                        num_classes=run.task.num_classes, device=device,
+                                        predict_fn=predict if cond.filtered else None, threshold=design.filter_threshold)
+            except ValueError:  # the filter kept none of this round
+                kept = None
+            drawn += n_draw
+            if kept is not None:
+                passed += int(kept.kept.sum())
+                images.append(kept.images[:missing])
+                kept_masks.append(kept.masks[:missing])
+        if not kept_masks:
+            raise RuntimeError(f"cell n={cell.n} seed={cell.seed}: the filter kept none of {drawn} synthetic pairs "
+                               f"of {generator} in {MAX_DRAWS} rounds")
+        images, kept_masks = np.concatenate(images), np.concatenate(kept_masks)
+        quality = quality_table((cell.real.images, masks), (val.images, val.masks), {generator: (images, kept_masks)},
+                                predict, cell.real_model.encoder, new_masks={generator} if cond.shapes == "new" else set(),
+                                device=device, max_samples=256, seed=cell.seed)
+        row = quality[generator] | {"real_frechet": quality["real"]["frechet"],
+                                    "real_mask_agreement": quality["real"]["mask_agreement"]}
+        save_pairs(file, images, kept_masks, {"kept_share": passed / drawn,
+                                              "seed": cell.seed, "quality": row})
+    with np.load(file) as z:
+        info = json.loads(str(z["meta"]))
+    cell.pools[key] = _Pool(load_pairs(file, source=f"synthetic_{generator}"),
+                            {"kept_share": info["kept_share"], "quality": info["quality"]})
+    return cell.pools[key]
 
 
 def read_steps(path: Path) -> dict[int, dict[str, Any]]:

@@ -47,14 +47,21 @@ def spec_path(run_dir: str | Path) -> Path:
 def write_spec(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig,
                generator_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig, vae_cfg: vae.VAEConfig, *,
                shape_cfg: ShapeModelConfig | None, generator_samples: int | None, max_epochs: int,
-               device: str = "auto", ct_window: tuple[float, float] | None = None) -> Path:
-    """Save the study of ``run`` (the run folder of notebook 01) as ``study/spec.json``;
-    refuses a folder whose spec describes another study (ValueError)."""
+               device: str = "auto", ct_window: tuple[float, float] | None = None,
+               arm_cfg: gan.SPADEGANConfig | diffusion.DiffusionConfig | None = None) -> Path:
+    """Save the study of ``run`` (the run folder of notebook 01) as ``study/spec.json``
+    (``arm_cfg``: the settings of the design's second generator, if it has one); refuses a folder
+    whose spec describes another study (ValueError)."""
+    if (design.arm is None) != (arm_cfg is None) or (
+            arm_cfg is not None and not isinstance(arm_cfg, GENERATOR_CONFIGS[design.arm])):
+        raise ValueError(f"study spec: the design's second arm is {design.arm!r} but its settings are "
+                         f"{type(arm_cfg).__name__ if arm_cfg is not None else None}")
     spec = {"version": SPEC_VERSION,
             "prepare": {"data": str(run.task.root), "run_dir": str(run.run_dir), "image_size": run.slice_cfg.image_size,
                         "seed": run.seed, "ct_window": list(ct_window) if ct_window else None},
             "design": asdict(design) | {"id": design.id}, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
             "generator": asdict(generator_cfg), "vae": asdict(vae_cfg),
+            **({"arm": asdict(arm_cfg)} if arm_cfg is not None else {}),
             "shape": None if shape_cfg is None else asdict(shape_cfg),
             "generator_samples": generator_samples, "max_epochs": max_epochs, "device": device}
     path = spec_path(run.run_dir)
@@ -99,7 +106,8 @@ def _tuples(value: Any) -> Any:
 
 def load_spec(path: str | Path) -> dict[str, Any]:
     """The study of ``spec.json`` with its settings rebuilt: prepare (prepare_run's arguments),
-    design, model, train, generator, vae, shape, generator_samples, max_epochs, device."""
+    design, model, train, generator, arm (None without a second generator), vae, shape,
+    generator_samples, max_epochs, device."""
     path = Path(path)
     spec = read_json(path)
     if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
@@ -108,7 +116,12 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     kind = GENERATOR_CONFIGS.get(design.generator)
     if kind is None:
         raise ValueError(f"{path}: unknown generator {design.generator!r}")
-    return spec | {"design": design, "model": rebuild(ModelConfig, spec["model"]),
+    arm = None
+    if design.arm is not None:
+        if "arm" not in spec:
+            raise ValueError(f"{path}: the design's second arm {design.arm!r} has no settings ('arm')")
+        arm = rebuild(GENERATOR_CONFIGS[design.arm], spec["arm"])
+    return spec | {"design": design, "model": rebuild(ModelConfig, spec["model"]), "arm": arm,
                    "train": rebuild(TrainConfig, spec["train"]), "generator": rebuild(kind, spec["generator"]),
                    "vae": rebuild(vae.VAEConfig, spec["vae"]),
                    "shape": None if spec["shape"] is None else rebuild(ShapeModelConfig, spec["shape"])}
@@ -135,7 +148,7 @@ def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: 
     if engine.num_gpus == 0 and device.startswith("cuda") and engine.engine == "ray":
         engine = EngineConfig(engine.engine, engine.address, engine.num_cpus, 0.25, engine.max_retries)
     records = run_study(srun, design, spec["model"], spec["train"], steps, spec["generator"], spec["vae"],
-                        shape_cfg=spec["shape"], generator_samples=spec["generator_samples"], device=device,
+                        arm_cfg=spec["arm"], shape_cfg=spec["shape"], generator_samples=spec["generator_samples"], device=device,
                         engine=engine, progress=progress)
     return srun, steps, records
 

@@ -213,10 +213,12 @@ CHECKPOINT_NAME = f"{MaskDDPM.KIND}.pt"  # what train_diffusion writes in its ou
 
 
 def train_diffusion(images: np.ndarray, masks: np.ndarray, cfg: DiffusionConfig, *, device: str | torch.device = "cpu",
-                    out_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[MaskDDPM, list[dict]]:
+                    out_dir: str | os.PathLike | None = None, keep_train_state: bool = True,
+                    progress: bool = True) -> tuple[MaskDDPM, list[dict]]:
     """Train (or resume from ``<out_dir>/mask_ddpm.pt``) a :class:`MaskDDPM` on paired slices;
     see :func:`lib.synth.generative.train_generator`. History rows: epoch, loss, seconds."""
-    return train_generator(MaskDDPM, images, masks, cfg, device=device, out_dir=out_dir, progress=progress)
+    return train_generator(MaskDDPM, images, masks, cfg, device=device, out_dir=out_dir,
+                           keep_train_state=keep_train_state, progress=progress)
 
 
 def load_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu"

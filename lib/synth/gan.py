@@ -154,9 +154,11 @@ class SPADEGAN(Generative):
 
 
 def train_gan(images: np.ndarray, masks: np.ndarray, cfg: SPADEGANConfig, *, device: str | torch.device = "cpu",
-              out_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[SPADEGAN, list[dict]]:
+              out_dir: str | os.PathLike | None = None, keep_train_state: bool = True,
+              progress: bool = True) -> tuple[SPADEGAN, list[dict]]:
     """Train (or resume) a :class:`SPADEGAN`; see :func:`lib.synth.generative.train_generator`."""
-    return train_generator(SPADEGAN, images, masks, cfg, device=device, out_dir=out_dir, progress=progress)
+    return train_generator(SPADEGAN, images, masks, cfg, device=device, out_dir=out_dir,
+                           keep_train_state=keep_train_state, progress=progress)
 
 
 def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -251,6 +251,12 @@ def _checkpoint_path(cls: type[Generative], out_dir: str | os.PathLike | None) -
     return Path(out_dir) / f"{cls.KIND}.pt" if out_dir is not None else None
 
 
+def train_state_path(path: Path) -> Path:
+    """The file beside a generator checkpoint that holds what resuming needs (weights before
+    averaging, optimisers, EMA, step): ``<kind>.train.pt``."""
+    return path.with_suffix(".train.pt")
+
+
 def train_generator(
     cls: type[G],
     images: np.ndarray,
@@ -259,6 +265,7 @@ def train_generator(
     *,
     device: str | torch.device = "cpu",
     out_dir: str | os.PathLike | None = None,
+    keep_train_state: bool = True,
     progress: bool = True,
 ) -> tuple[G, list[dict[str, Any]]]:
     """Train (or resume) a generator of class ``cls`` on paired slices.
@@ -267,9 +274,12 @@ def train_generator(
         images: float32 (N, C, H, W), z-scored.
         masks: uint8 (N, H, W), class ids 0..K-1.
         cfg: the generator's config; ``cfg.seed`` makes runs deterministic on one device.
-        out_dir: if given, ``<KIND>.pt`` is written atomically after every epoch and a re-run
-            resumes from it (same config apart from epochs, time budget and sample steps, and
-            the same training slices; ValueError otherwise).
+        out_dir: if given, ``<KIND>.pt`` (sampling weights) and ``<KIND>.train.pt`` (what
+            resuming needs) are written atomically after every epoch and a re-run resumes from
+            them (same config apart from epochs, time budget and sample steps, and the same
+            training slices; ValueError otherwise).
+        keep_train_state: False removes ``<KIND>.train.pt`` when training ends (two thirds of
+            the disk): the generator can be sampled and reused, not trained further.
         progress: a progress bar over epochs.
 
     Returns:
@@ -294,8 +304,9 @@ def train_generator(
     path = _checkpoint_path(cls, out_dir)
     history: list[dict[str, Any]] = []
     step = 0
+    trainable = True  # False: a finished generator whose training state was not kept
     if path is not None and path.exists():
-        history, step = _resume(path, cls, cfg, fingerprint, model, optimizers, ema)
+        history, step, trainable = _resume(path, cls, cfg, fingerprint, model, optimizers, ema)
     scaler = grad_scaler(device)
     x_all = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device)
     m_all = torch.from_numpy(np.ascontiguousarray(masks, np.uint8)).to(device)
@@ -306,6 +317,9 @@ def train_generator(
         if _budget_spent(cfg.time_budget_min, t_start, history, first):
             bar.write(f"{cls.KIND}: time budget of {cfg.time_budget_min} min spent after epoch {epoch - 1}")
             break
+        if not trainable:
+            raise ValueError(f"{path} was kept without its training state (keep_train_state=False): it can be "
+                             f"sampled from, not trained beyond epoch {epoch - 1}; delete it to train from scratch")
         row, step = _train_epoch(model, ema, x_all, m_all, has_fg, optimizers, scaler, epoch, step)
         model.check_epoch(row, history)
         history.append(row)
@@ -314,7 +328,9 @@ def train_generator(
             _save(path, model, ema, optimizers, history, step, fingerprint)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")})
     bar.close()
-    if ema is not None:
+    if path is not None and not keep_train_state:
+        train_state_path(path).unlink(missing_ok=True)
+    if ema is not None and trainable:
         target.load_state_dict(ema.module.state_dict())
     return model.eval(), history
 
@@ -363,28 +379,23 @@ def _sampling_state(model: Generative, ema: AveragedModel | None) -> dict[str, t
 
 def _save(path: Path, model: Generative, ema: AveragedModel | None, optimizers: dict[str, torch.optim.Optimizer],
           history: list[dict[str, Any]], step: int, fingerprint: str) -> None:
-    ckpt = {
-        "kind": model.KIND,
-        "version": model.VERSION,
-        "config": dataclasses.asdict(model.cfg),
-        "state_dict": _sampling_state(model, ema),
-        "history": list(history),
-        "epoch": model.trained_epochs,
-        "data_fingerprint": fingerprint,
-        "train_state": {
-            "model": _cpu(model.state_dict()),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "ema": _cpu(ema.state_dict()) if ema is not None else None,
-            "step": step,
-        },
-    }
+    """The training state first, then the sampling checkpoint: a kill between the two leaves a
+    training state that is not ahead of the sampling weights."""
+    head = {"kind": model.KIND, "version": model.VERSION, "config": dataclasses.asdict(model.cfg),
+            "history": list(history), "epoch": model.trained_epochs, "data_fingerprint": fingerprint}
+    train_state = {"model": _cpu(model.state_dict()), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                   "ema": _cpu(ema.state_dict()) if ema is not None else None, "step": step}
+    with atomic_path(train_state_path(path), suffix=".pt") as tmp:
+        torch.save(head | {"train_state": train_state}, tmp)
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(ckpt, tmp)
+        torch.save(head | {"state_dict": _sampling_state(model, ema)}, tmp)
 
 
 def _resume(path: Path, cls: type[Generative], cfg: Any, fingerprint: str, model: Generative,
-            optimizers: dict[str, torch.optim.Optimizer], ema: AveragedModel | None) -> tuple[list[dict], int]:
-    """Restore weights, optimisers and EMA from a matching checkpoint; returns (history, step)."""
+            optimizers: dict[str, torch.optim.Optimizer], ema: AveragedModel | None) -> tuple[list[dict], int, bool]:
+    """Restore weights, optimisers and EMA from a matching checkpoint; returns (history, step,
+    trainable). Without its training state file (``keep_train_state=False``) the sampling weights
+    are loaded and ``trainable`` is False."""
     ckpt = read_checkpoint(path, cls.KIND, cls.VERSION, cls.__name__)
     saved, wanted = config_from_dict(cls.CONFIG, ckpt["config"]), dataclasses.asdict(cfg)
     diff = {k: (getattr(saved, k), v) for k, v in wanted.items() if k not in RESUMABLE_FIELDS and getattr(saved, k) != v}
@@ -393,15 +404,23 @@ def _resume(path: Path, cls: type[Generative], cfg: Any, fingerprint: str, model
                          "use another out_dir or delete the checkpoint to start over")
     if ckpt.get("data_fingerprint") != fingerprint:
         raise ValueError(f"{path} was trained on other images/masks (other patients?); use another out_dir")
-    state = ckpt["train_state"]
+    train_file = train_state_path(path)
+    if not train_file.is_file():
+        model.load_state_dict(ckpt["state_dict"])
+        model.trained_epochs = int(ckpt["epoch"])
+        return list(ckpt["history"]), 0, False
+    train = read_checkpoint(train_file, cls.KIND, cls.VERSION, cls.__name__)
+    if train.get("data_fingerprint") != fingerprint:
+        raise ValueError(f"{train_file} was trained on other images/masks than {path}; delete both to start over")
+    state = train["train_state"]
     model.load_state_dict(state["model"])
     for name, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
-    model.trained_epochs = int(ckpt["epoch"])
-    print(f"{cls.KIND}: resuming from {path} at epoch {model.trained_epochs}")
-    return list(ckpt["history"]), int(state["step"])
+    model.trained_epochs = int(train["epoch"])
+    print(f"{cls.KIND}: resuming from {train_file} at epoch {model.trained_epochs}")
+    return list(train["history"]), int(state["step"]), True
 
 
 def load_generator(cls: type[G], path: str | os.PathLike, device: str | torch.device = "cpu"

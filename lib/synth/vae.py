@@ -363,6 +363,7 @@ def train_vae(
     *,
     device: str | torch.device = "cpu",
     out_dir: str | os.PathLike | None = None,
+    keep_train_state: bool = True,
     progress: bool = True,
 ) -> tuple[PairVAE, list[dict]]:
     """Train (or resume) a ``PairVAE``, or a ``PairVAEGAN`` for a ``VAEGANConfig``.
@@ -373,7 +374,8 @@ def train_vae(
     :meth:`PairVAEGAN.train_step`), ``beta`` and ``seconds``.
     """
     cls = PairVAEGAN if isinstance(cfg, VAEGANConfig) else PairVAE
-    return train_generator(cls, images, masks, cfg, device=device, out_dir=out_dir, progress=progress)
+    return train_generator(cls, images, masks, cfg, device=device, out_dir=out_dir, keep_train_state=keep_train_state,
+                           progress=progress)
 
 
 def _checkpoint_class(path: str | os.PathLike) -> type[PairVAE]:
