@@ -36,7 +36,7 @@ from lib.common.env import grad_scaler
 
 T = TypeVar("T")
 G = TypeVar("G", bound="Generative")
-RESUMABLE_FIELDS = frozenset({"epochs", "time_budget_min", "sample_steps"})
+RESUMABLE_FIELDS = frozenset({"epochs", "time_budget_min", "sample_steps", "sampler"})
 
 
 class TrainingCollapsed(RuntimeError):
@@ -268,7 +268,7 @@ def train_generator(
         masks: uint8 (N, H, W), class ids 0..K-1.
         cfg: the generator's config; ``cfg.seed`` makes runs deterministic on one device.
         out_dir: if given, ``<KIND>.pt`` is written atomically after every epoch and a re-run
-            resumes from it (same config apart from epochs, time budget and sample steps, and
+            resumes from it (same config apart from epochs, time budget and sampling settings, and
             the same training slices; ValueError otherwise).
         progress: a progress bar over epochs.
 
