@@ -15,10 +15,11 @@ from lib.seg import workflow
 from lib.seg.models import ModelConfig
 from lib.seg.train import TrainConfig
 from lib.study import run as study_run
+from lib.study import spec as study_spec
 from lib.study.analysis import power_table, setting_label, study_conclusions
 from lib.study.cost import grid_workload, makespan, study_workload
 from lib.study.design import GENERATORS, STRATEGIES, design_run, make_design
-from lib.synth import gan
+from lib.synth import diffusion, gan
 from lib.synth.generative import TrainingCollapsed
 from lib.synth.vae import VAEConfig
 from tests.helpers import exit_once, make_task
@@ -76,6 +77,27 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
 
 def test_the_design_names_the_generators_the_run_trains():
     assert set(study_run.IMAGE_GENERATORS) == set(GENERATORS)
+
+
+def test_the_spec_carries_the_diffusion_sampler_and_reads_older_specs_without_it(run, tmp_path):
+    design = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1], generator="diffusion")
+    gen_cfg = diffusion.DiffusionConfig(image_size=SIZE, base_channels=8, channel_mults=(1, 2), sample_steps=20,
+                                        sampler="dpmpp_2m")
+    srun = replace(run, run_dir=tmp_path / "run")
+    write = functools.partial(study_spec.write_spec, srun, design, MODEL, TRAIN, vae_cfg=small_configs()[1],
+                              shape_cfg=None, generator_samples=None, max_epochs=2)
+    path = write(gen_cfg)
+    loaded = study_spec.load_spec(path)["generator"]
+    assert loaded == gen_cfg and (loaded.sampler, loaded.sample_steps) == ("dpmpp_2m", 20)
+    with pytest.raises(ValueError, match="differs in generator"):
+        write(replace(gen_cfg, sampler="ddim"))
+    saved = json.loads(path.read_text())  # a spec written before the sampler existed sampled with DDIM
+    del saved["generator"]["sampler"]
+    path.write_text(json.dumps(saved))
+    assert study_spec.load_spec(path)["generator"].sampler == "ddim"
+    assert write(replace(gen_cfg, sampler="ddim")) == path
+    with pytest.raises(ValueError, match="differs in generator"):
+        write(gen_cfg)
 
 
 def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():

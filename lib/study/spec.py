@@ -66,13 +66,22 @@ def write_spec(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg:
             "generator_samples": generator_samples, "max_epochs": max_epochs, "device": device}
     path = spec_path(run.run_dir)
     if path.is_file():
-        saved = read_json(path)
+        saved = _with_defaults(read_json(path), type(generator_cfg))
         if _plain(saved) != _plain(spec):
             changed = sorted(k for k in spec if _plain(saved.get(k)) != _plain(spec[k]))
             raise ValueError(f"{path} describes another study (differs in {', '.join(changed)}); use another run_dir "
                              "or delete the study folder to start over")
         return path
     return write_json(path, spec)
+
+
+def _with_defaults(saved: Any, generator: type) -> Any:
+    """A saved spec with the generator settings added since it was written at their defaults (a
+    diffusion study saved before ``sampler`` existed sampled with DDIM, the default)."""
+    try:
+        return saved | {"generator": asdict(rebuild(generator, saved["generator"]))}
+    except (KeyError, TypeError, ValueError):  # not such a generator's settings: compared as they are
+        return saved
 
 
 def _plain(value: Any) -> Any:

@@ -36,7 +36,7 @@ from lib.common.env import grad_scaler
 
 T = TypeVar("T")
 G = TypeVar("G", bound="Generative")
-RESUMABLE_FIELDS = frozenset({"epochs", "time_budget_min", "sample_steps"})
+RESUMABLE_FIELDS = frozenset({"epochs", "time_budget_min", "sample_steps", "sampler"})
 
 
 class TrainingCollapsed(RuntimeError):
@@ -276,7 +276,7 @@ def train_generator(
         cfg: the generator's config; ``cfg.seed`` makes runs deterministic on one device.
         out_dir: if given, ``<KIND>.pt`` (sampling weights) and ``<KIND>.train.pt`` (what
             resuming needs) are written atomically after every epoch and a re-run resumes from
-            them (same config apart from epochs, time budget and sample steps, and the same
+            them (same config apart from epochs, time budget and sampling settings, and the same
             training slices; ValueError otherwise).
         keep_train_state: False removes ``<KIND>.train.pt`` when training ends (two thirds of
             the disk): the generator can be sampled and reused, not trained further.
