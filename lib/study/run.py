@@ -354,7 +354,7 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
     if cond.strategy == "latent":
         vae_model, _ = vae.train_vae(cell.real.images.astype(np.float32), cell.real.masks,
                                      replace(vae_cfg, seed=cell.seed), device=device, out_dir=cell.work / "vae",
-                                     progress=False)
+                                     keep_train_state=False, progress=False)
         steps = cfg.epochs * _epoch_steps(cfg)
         seg = latent.train_latent_segmenter(vae_model, cell.real.images.astype(np.float32), cell.real.masks,
                                             steps=steps, batch_size=cfg.batch_size, device=device, seed=cell.seed,
@@ -403,7 +403,7 @@ def _generator(cell: _Cell, name: str, cfg: Any, device: str) -> Any:
         try:
             cell.generators[name], _ = train_fn(cell.real.images.astype(np.float32), cell.real.masks,
                                                 replace(cfg, seed=cell.seed), device=device, out_dir=out_dir,
-                                                progress=False)
+                                                keep_train_state=False, progress=False)
             cell.stopped[name] = None
         except TrainingCollapsed as err:  # on one patient's slices a discriminator can win: keep the last good epoch
             cell.generators[name] = load_generator(kind, out_dir / f"{kind.KIND}.pt", device)[0]
