@@ -12,8 +12,10 @@ from scipy.spatial import cKDTree
 from lib.common.statistics import (
     crossed_bootstrap,
     paired_bootstrap,
+    seed_sd,
     seed_t_interval,
     seeds_for_power,
+    variance_components,
 )
 from lib.seg.metrics import (
     dice,
@@ -349,6 +351,18 @@ def test_with_no_effect_the_studys_verdict_is_wrong_in_at_most_7_percent_of_200_
         covered += secondary["low"] <= 0 <= secondary["high"]
         quiet += not (primary["verdict"] == secondary["verdict"] != "no clear difference")
     assert covered >= 186 and quiet >= 186
+
+
+def test_variance_components_recover_the_spread_between_runs_and_the_residual() -> None:
+    rng = np.random.default_rng(0)
+    runs, patients = rng.normal(0, 0.04, (400, 1)), rng.normal(0, 0.10, (1, 30))  # patient effects shared by every run
+    parts = variance_components(runs + patients + rng.normal(0, 0.06, (400, 30)))
+    assert parts["var_run"] == pytest.approx(0.04**2, rel=0.15) and parts["var_residual"] == pytest.approx(0.06**2, rel=0.05)
+    assert seed_sd(parts, 20) == pytest.approx((0.04**2 + 0.06**2 / 20) ** 0.5, rel=0.1)
+    flat = variance_components(np.tile(rng.normal(0, 0.1, (1, 6)), (3, 1)))  # runs equal: no spread between them
+    assert flat["var_run"] == pytest.approx(0.0, abs=1e-12) and flat["var_residual"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="2 runs"):
+        variance_components(np.zeros((1, 5)))
 
 
 def test_seeds_for_power_follows_the_noncentral_t() -> None:

@@ -326,3 +326,6 @@ def test_power_table_gives_the_seeds_a_3_point_effect_needs_from_earlier_records
     row = power_table(records).loc[2]
     assert row["seeds"] == 5 and row["mean_difference_points"] == pytest.approx(3.0)
     assert row["sd_points"] == pytest.approx(1.5811, abs=1e-3) and row["seeds_needed"] == 5
+    projected = power_table(records, test_patients=30).loc[2]  # the gains are the same for every patient: no residual
+    assert projected["sd_residual_points"] == pytest.approx(0.0, abs=1e-9)
+    assert projected["sd_points_at_30_test"] == pytest.approx(1.5811, abs=1e-3) and projected["seeds_needed"] == 5

@@ -1,6 +1,6 @@
 """Statistics of paired comparisons: a bootstrap interval of paired differences, a t-interval
-over training runs (seeds), a crossed bootstrap of runs and test patients, and the runs a study
-needs for a given power.
+over training runs (seeds), a crossed bootstrap of runs and test patients, the variance
+components of runs and patients, and the runs a study needs for a given power.
 
 NumPy and SciPy only (no torch), so tables and published summaries use them without a model.
 """
@@ -92,6 +92,36 @@ def crossed_bootstrap(differences: np.ndarray, n_boot: int = 10_000, level: floa
     low, high = mean - half, mean + half
     return {"mean": mean, "low": low, "high": high, "n": int(finite.sum()),
             "verdict": "higher" if low > 0 else "lower" if high < 0 else "no clear difference"}
+
+
+def variance_components(differences: np.ndarray) -> dict[str, float]:
+    """Split the spread of a (runs x test patients) matrix of paired differences, every run scored
+    on the same patients, into the part between runs (training subsets) and the residual
+    (run-by-patient interaction and noise), by the two-way analysis of variance without
+    replication: ``var_run = max(0, (MS_runs - MS_residual) / patients)``. The patients' own
+    effect is common to every run, so a run mean over ``p`` of them spreads with variance
+    ``var_run + var_residual / p`` (:func:`seed_sd`). Patients a run could not score are left out.
+
+    Raises:
+        ValueError: fewer than 2 runs or 2 patients scored by every run.
+    """
+    diff = np.asarray(differences, dtype=float)
+    diff = diff[:, np.isfinite(diff).all(axis=0)] if diff.ndim == 2 else diff
+    if diff.ndim != 2 or diff.shape[0] < 2 or diff.shape[1] < 2:
+        raise ValueError(f"variance_components: needs >= 2 runs x >= 2 patients scored by every run, got {diff.shape}")
+    runs, patients = diff.shape
+    grand, row, col = diff.mean(), diff.mean(axis=1, keepdims=True), diff.mean(axis=0, keepdims=True)
+    ms_runs = patients * float(((row - grand) ** 2).sum()) / (runs - 1)
+    ms_res = float(((diff - row - col + grand) ** 2).sum()) / ((runs - 1) * (patients - 1))
+    return {"var_run": max(0.0, (ms_runs - ms_res) / patients), "var_residual": ms_res, "runs": runs,
+            "patients": patients}
+
+
+def seed_sd(components: dict[str, float], patients: int) -> float:
+    """Standard deviation of a run's mean paired difference over ``patients`` test patients, from
+    :func:`variance_components` of another study (a larger test set averages the residual away,
+    not the spread between training subsets)."""
+    return math.sqrt(components["var_run"] + components["var_residual"] / patients)
 
 
 def seeds_for_power(sd: float, effect: float, power: float = 0.8, level: float = 0.95, most: int = 200) -> int:

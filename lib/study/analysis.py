@@ -8,6 +8,7 @@ torch, so publishing uses it without a model.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from lib.common.atomic import write_json
-from lib.common.statistics import crossed_bootstrap, seed_t_interval, seeds_for_power
+from lib.common.statistics import (
+    crossed_bootstrap,
+    seed_sd,
+    seed_t_interval,
+    seeds_for_power,
+    variance_components,
+)
 from lib.study.design import StudyDesign
 
 
@@ -106,11 +113,14 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
 
 
 def power_table(records: list[dict[str, Any]], setting: str = "real + spade_gan x1", effect: float = 0.03,
-                power: float = 0.8) -> pd.DataFrame:
+                power: float = 0.8, test_patients: int | None = None) -> pd.DataFrame:
     """How many seeds (training subsets) a study needs, from the records of an earlier one: per
     patient count, the spread (sd) of the seeds' mean paired differences of ``setting`` against
     real only, and the seeds a t-test needs to detect ``effect`` (Dice, 0.03 = 3 points) with
-    ``power`` at the 5 % level (:func:`lib.common.statistics.seeds_for_power`)."""
+    ``power`` at the 5 % level (:func:`lib.common.statistics.seeds_for_power`). With
+    ``test_patients``, the spread is projected to a test set of that size from the records'
+    variance components (:func:`lib.common.statistics.variance_components`): between training
+    subsets, and the residual that more test patients average away."""
     rows = {}
     base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
     for n in sorted({r["n_real"] for r in records}):
@@ -118,10 +128,18 @@ def power_table(records: list[dict[str, Any]], setting: str = "real + spade_gan 
                    if r["n_real"] == n and r["strategy"] != "real" and setting_label(r) == setting and (n, r["seed"]) in base]
         if len(matched) < 2:
             continue
-        means = np.nanmean(_differences(matched), axis=1)
+        diff = _differences(matched)
+        means = np.nanmean(diff, axis=1)
         sd = float(np.std(means, ddof=1))
-        rows[n] = {"seeds": len(matched), "mean_difference_points": 100 * float(np.mean(means)),
-                   "sd_points": 100 * sd, "seeds_needed": seeds_for_power(sd, effect, power)}
+        row = {"seeds": len(matched), "test_patients": diff.shape[1],
+               "mean_difference_points": 100 * float(np.mean(means)), "sd_points": 100 * sd}
+        if test_patients is not None:
+            parts = variance_components(diff)
+            sd = seed_sd(parts, test_patients)
+            row |= {"sd_subsets_points": 100 * math.sqrt(parts["var_run"]),
+                    "sd_residual_points": 100 * math.sqrt(parts["var_residual"]),
+                    f"sd_points_at_{test_patients}_test": 100 * sd}
+        rows[n] = row | {"seeds_needed": seeds_for_power(sd, effect, power)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("n_real")
 
 
