@@ -1,14 +1,17 @@
 """How the diffusion model's sampler settings change the quality of its pairs.
 
     python bench/diffusion_sampling.py RUN_DIR [--settings ddim:100 dpmpp_2m:15 dpmpp_2m:20 dpmpp_2m:25] \
-        [--steps 20 50 100 --eta 0 1] [--n 128] [--out bench/diffusion_samplers_cpu_2threads.json]
+        [--steps 20 50 100 --eta 0 1] [--n 128] [--out bench/diffusion_samplers_cpu_2threads.json] \
+        [--data TASK_DIR --train-minutes 20 --image-size 128]
 
 Loads the trained diffusion model (``generators/diffusion``) and the reference U-Net (``unet``)
 of a notebook-05 run folder, draws ``--n`` new masks from the shape model fitted as the notebook
 does (training patients of the run's split, seed 0), generates their images (same masks, same
 noise seed) with every sampler setting and scores all of them in one quality table
 (:func:`lib.synth.quality.quality_table`, against the run's validation and test slices), with
-the seconds each setting took. A setting is ``SAMPLER:STEPS`` (``DiffusionConfig.sampler``:
+the seconds each setting took. With ``--data``, a run folder without them is prepared first
+(split seed 0) and both are trained: the diffusion model with notebook 05's real-data settings
+for ``--train-minutes``, the U-Net for a third of that. A setting is ``SAMPLER:STEPS`` (``DiffusionConfig.sampler``:
 ``ddim`` or ``dpmpp_2m``) or ``ddim:STEPS:ETA`` (eta 0: deterministic DDIM, the model's sampler;
 1: DDPM-like noise at every step); ``--steps`` with ``--eta`` adds every DDIM combination of
 them (the grid of ``diffusion_sampling_cpu_2threads.json``). Default: 100 DDIM steps against
@@ -34,6 +37,7 @@ from lib.common.env import hardware  # noqa: E402
 from lib.data.run import prepare_run  # noqa: E402
 from lib.data.slices import concat  # noqa: E402
 from lib.seg import workflow  # noqa: E402
+from lib.seg.train import TrainConfig  # noqa: E402
 from lib.synth import diffusion, quality, shapes  # noqa: E402
 
 STEP = DDIMScheduler.step
@@ -62,6 +66,19 @@ def setting_name(sampler: str, steps: int, eta: float) -> str:
     return f"{name}, eta {eta:g}" if sampler == "ddim" else name
 
 
+def train_missing(run_dir: Path, data: str, image_size: int, minutes: float) -> None:
+    """Prepare ``run_dir`` from ``data`` and train what the comparison needs and the folder lacks."""
+    run = prepare_run(data, run_dir, image_size=image_size, seed=0, progress=False)
+    train = run.slices("train")
+    if not (run_dir / "unet" / "best.pt").is_file():
+        workflow.train_model(run, "unet", workflow.model_config(run, "unet"),
+                             TrainConfig(epochs=1000, time_budget_min=minutes / 3, patience=None, seed=0), progress=False)
+    cfg = diffusion.DiffusionConfig(image_size=image_size, in_channels=run.in_channels, num_classes=run.task.num_classes,
+                                    epochs=10_000, base_channels=16, batch_size=16, lr=2e-3, time_budget_min=minutes)
+    diffusion.train_diffusion(train.images.astype(np.float32), train.masks, cfg, out_dir=run_dir / "generators" / "diffusion",
+                              progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -72,7 +89,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128, help="new masks (pairs) per setting")
     parser.add_argument("--shape-variance", type=float, default=0.95, help="the notebook's shape_variance")
     parser.add_argument("--out", type=Path, default=Path("bench/diffusion_samplers_cpu_2threads.json"))
+    parser.add_argument("--data", help="task folder to prepare RUN_DIR from and train the diffusion model and U-Net on")
+    parser.add_argument("--train-minutes", type=float, default=20.0, help="the diffusion model's budget with --data")
+    parser.add_argument("--image-size", type=int, default=128, help="slice size with --data")
     args = parser.parse_args()
+    if args.data:
+        train_missing(args.run_dir, args.data, args.image_size, args.train_minutes)
     settings = list(args.settings or []) + [("ddim", steps, eta) for eta in args.eta for steps in args.steps]
     if not settings:
         settings = [("ddim", 100, 0.0), ("dpmpp_2m", 15, 0.0), ("dpmpp_2m", 20, 0.0), ("dpmpp_2m", 25, 0.0)]

@@ -188,23 +188,34 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
 
 def test_workload_counts_calibration_conditions_and_each_cells_generators_once():
     steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "steps": 8}, 2: {"curve": [[4, 0.1], [8, 0.3]], "steps": 8}}
-    rec = {"n_real": 1, "seed": 0, "steps": 8, "n_real_slices": 10, "generator_epochs": None}
-    records = [rec | {"strategy": "real"}, rec | {"strategy": "mix", "generator_epochs": 3},
-               rec | {"strategy": "pretrain", "generator_epochs": 3}, rec | {"strategy": "latent", "generator_epochs": 3},
-               rec | {"strategy": "mix", "seed": 1, "generator_epochs": 3},
-               rec | {"strategy": "mix", "n_real": 2, "n_real_slices": 20, "generator_epochs": 2}]
+    rec = {"n_real": 1, "seed": 0, "steps": 8, "n_real_slices": 10, "generator_epochs": None, "generator": None,
+           "ratio": 0.0, "shapes": None, "filtered": None}
+    synth = {"generator": "diffusion", "generator_epochs": 3, "ratio": 1.0, "shapes": "new", "filtered": True,
+             "n_synthetic_slices": 10, "synthetic_kept_share": 0.5}
+    records = [rec | {"strategy": "real"}, rec | synth | {"strategy": "add"},
+               rec | synth | {"strategy": "pretrain"}, rec | {"strategy": "latent", "generator": "vae", "generator_epochs": 3},
+               rec | synth | {"strategy": "add", "seed": 1},
+               rec | synth | {"strategy": "mix", "n_real": 2, "n_real_slices": 20, "generator_epochs": 2,
+                              "generator": "spade_gan", "n_synthetic_slices": 20, "synthetic_kept_share": 1.0}]
     assert study_workload(records, steps) == {
-        "segmenter_epochs": 3 + 2 + 5 * 2, "latent_steps": 8, "conditions": 6,
-        "generator_slices": 30 + 30 + 40, "vae_slices": 30}
+        "segmenter_epochs": 3 + 2 + 2 + 2 * 2 + 2 + 2 * 2 + 2, "latent_steps": 8, "conditions": 6,
+        "generator_slices:diffusion": 30 + 30, "generator_slices:spade_gan": 40, "vae_slices": 30,
+        "generated_pairs:diffusion": 20 + 20, "generated_pairs:spade_gan": 20}
 
 
 def test_grid_workload_counts_every_planned_condition(run):
-    design = make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1])
+    design = make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1], arm="spade_gan", generator="diffusion")
     steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "epochs": 2, "steps": 8},
              2: {"curve": [[4, 0.1], [8, 0.3]], "epochs": 1, "steps": 4}}
-    work = grid_workload(design, steps, generator_samples=100)
-    assert work == {"segmenter_epochs": 5 + 2 * 9 * 2 + 4 * 1, "latent_steps": 2 * 8 + 4, "conditions": 2 * 10 + 5,
-                    "generator_slices": 300, "vae_slices": 300}
+    work = grid_workload(design, steps, generator_samples=100, slices_per_patient=10, kept_share=0.5)
+    # n=1: real, add, pretrain, synthetic only, add with the arm, 2 ratios, deformed, unfiltered, mix (replace)
+    one = 2 * (1 + 2 + 1 + 1 + 2 + 1.5 + 3 + 2 + 2 + 1)
+    assert work == {"segmenter_epochs": 5 + 2 * one + 1 * (1 + 2 + 1 + 1), "latent_steps": 2 * 8 + 4,
+                    "conditions": 2 * 11 + 5, "vae_slices": 300, "generator_slices:diffusion": 300,
+                    "generator_slices:spade_gan": 200,
+                    # pools of n=1 (2 seeds): new+filtered up to x2, deformed, unfiltered; n=2: new+filtered x1
+                    "generated_pairs:diffusion": 2 * (2 * 10 / 0.5 + 10 / 0.5 + 10) + 2 * 10 / 0.5,
+                    "generated_pairs:spade_gan": 2 * 10 / 0.5}
 
 
 def test_conclusions_pair_seeds_and_test_patients_and_give_a_verdict_only_beyond_the_interval():
