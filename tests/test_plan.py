@@ -264,6 +264,6 @@ def test_the_plan_table_tool_prints_one_row_per_dataset(ct, tmp_path, capsys):
 
     assert main([str(ct.root), str(xray_folder(tmp_path / "xray")), "--preset", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| dataset | kind |") and len(lines) == 4
-    assert lines[2].startswith("| TaskCT | 3d | 48x48x6 |") and lines[2].endswith("| ct_window |")
-    assert lines[3].startswith("| xray | 2d |") and "| 256 px | – | no | 0 |" in lines[3]
+    assert lines[0].startswith("| dataset | median size px |") and len(lines) == 4
+    assert lines[2].startswith("| TaskCT | 48x48x6 | 1.5x1.5x3 |") and lines[2].endswith("| ct_window |")
+    assert lines[3].startswith("| xray | 295x270 | – |") and "| 256 px | – | no | 0 | 16 |" in lines[3]

@@ -21,7 +21,7 @@ from lib.data.source import resolve_task  # noqa: E402
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 DATASETS = ["ChestXray_lungs_dev", "Task02_Heart_dev", "LA2018_dev", "Task04_Hippocampus", "TaskKBP_HeadNeckCT_dev"]
-COLUMNS = ["dataset", "kind", "median size px", "spacing mm", "structure p90", "image_size", "spacing", "roi",
+COLUMNS = ["dataset", "median size px", "spacing mm", "structure, 90th pct", "image_size", "spacing", "locator",
            "context", "batch", "normalisation"]
 
 
@@ -34,7 +34,7 @@ def row(folder: Path, preset: str) -> list[str]:
     spacing = "–" if fp["spacing_unit"] == "px" else "x".join(f"{v:.3g}" for v in fp["spacing_mm"]["median"])
     unit = fp["spacing_unit"]
     extent = f"{structure['longer_in_plane_mm']['p90']:.0f} {unit}" if structure["cases"] else "–"
-    return [folder.name, fp["kind"], size, spacing, extent, f"{plan['image_size']} px",
+    return [folder.name, size, spacing, extent, f"{plan['image_size']} px",
             "–" if plan["spacing"] is False else f"{plan['spacing']:.3g} mm", "yes" if plan["roi"] else "no",
             str(plan["context_slices"]), str(plan["batch_size"]), plan["normalisation"]]
 
