@@ -140,6 +140,9 @@ def test_the_locator_crop_follows_the_structure_and_a_large_field_of_view_is_coa
     assert plan.values["roi"] is False and plan.values["image_size"] == 256
     assert plan.values["spacing"] == pytest.approx(600 / 256, abs=1e-3) and "coarsened" in plan.fields["spacing"]["reason"]
     assert plan.values["batch_size"] == 16 and make_plan(big, "gpu").values["image_size"] == 512
+    small = make_plan(big, "cpu", {"image_size": 128})  # whole slices at a given size: coarser still, nothing cut off
+    assert small.values["spacing"] == pytest.approx(600 / 128, abs=1e-3) and small.given == ["image_size"]
+    assert make_plan(big, "cpu", {"image_size": 128, "spacing": 1.0}).values["spacing"] == 1.0  # both given: kept
 
 
 def test_ct_in_hu_is_windowed_from_its_labelled_voxels(ct, tmp_path):
@@ -172,8 +175,9 @@ def test_an_explicit_parameter_wins_and_the_plan_says_so(anisotropic):
     plan = make_plan(fp, "cpu", {"image_size": 128, "roi": None, "tta": False, "unrelated": 3})
     assert plan.given == ["image_size", "tta"]
     field = plan.fields["image_size"]
-    assert field["value"] == 128 and field["given"] and field["reason"].startswith("given explicitly (the plan: 160;")
-    assert plan.values["roi"] is False  # a 128 px crop is not under half of the 160 px field of view
+    assert field["value"] == 128 and field["given"] and field["reason"].startswith("given explicitly (the plan: 128;")
+    assert plan.values["roi"] is False  # a 128 px crop is not under half of the 160 px field of view...
+    assert plan.values["spacing"] == 1.0 and "coarsened" in plan.fields["spacing"]["reason"]  # ...whose 128 mm fit 128 px
     assert plan.fill({"image_size": 128, "roi": None, "tta": False, "batch_size": None, "other": None}) == \
         {"roi": False, "batch_size": 16}
     table = plan.table()

@@ -14,7 +14,9 @@ Rules (``fp``: :mod:`lib.data.fingerprint`; ``budget``: :data:`lib.common.preset
   folders (images are segmented whole, borders kept) or the demo budget.
 * **Image size**: the crop with a locator, else the whole field of view at the target spacing
   (2D folders and the demo: the median longer side), at most the budget's ``max_image_size``;
-  a volume too large for it is resampled more coarsely (the plan says by how much).
+  a volume too large for it is resampled more coarsely (the plan says by how much). An image
+  size given explicitly is the crop when the structure with context fits it (and the locator
+  pays), else the whole slice, resampled so that the field of view fits it.
 * **Batch size**: the largest power of two (up to the budget's ``max_batch``) whose training
   activations fit the budget's memory, at :data:`BYTES_PER_PIXEL` per pixel of a slice.
 * **Context slices (2.5D)**: one neighbour on either side for volumes whose structure spans at
@@ -176,11 +178,14 @@ def _geometry(fp: dict[str, Any], b: dict[str, Any], preset: str, given: Mapping
     decided = int(given["image_size"]) if "image_size" in given else crop  # an explicit size is the crop
     if not b["locator"]:
         roi, roi_why = False, f"the {preset} budget trains no locator"
-    elif decided <= LOCATOR_SHARE * canvas:
+    elif needed <= decided <= LOCATOR_SHARE * canvas:
         roi, roi_why = True, (f"the structure (90th percentile {extent_mm:.0f} {unit}, {extent_mm / target:.0f} px) "
                               f"with {CONTEXT:.0%} context fits a {decided} px crop, at most half of the {canvas} px "
                               f"field of view: a locator finds it and the network sees "
                               f"{decided * decided / canvas ** 2:.0%} of the pixels")
+    elif needed > decided:
+        roi, roi_why = False, (f"the structure (90th percentile {extent_mm:.0f} {unit}) with {CONTEXT:.0%} context "
+                               f"needs {needed:.0f} px, more than a {decided} px crop: whole slices")
     else:
         roi, roi_why = False, (f"the structure (90th percentile {extent_mm:.0f} {unit}) with {CONTEXT:.0%} context "
                                f"needs {decided} px, more than half of the {canvas} px field of view: whole slices")
@@ -188,13 +193,16 @@ def _geometry(fp: dict[str, Any], b: dict[str, Any], preset: str, given: Mapping
     size = crop if roi_used else canvas
     size_why = (f"crop around the structure ({extent_mm:.0f} {unit} + {CONTEXT:.0%} context at {target:g} mm)"
                 if roi_used else f"the largest field of view ({fov_mm:.0f} mm) at {target:g} mm")
-    if size > biggest and "spacing" in given:
-        size_why += f", more than the {preset} budget's {biggest} px at the given spacing"
-    elif size > biggest:  # resample more coarsely so that it fits the budget
-        coarser = math.ceil(target * (needed if roi_used else fov_mm / target) / biggest * 1000) / 1000
-        spacing_why += f", coarsened to {coarser:g} mm so that the {size} px it needs fits {biggest} px"
-        spacing, size = coarser, biggest
-        size_why += f": {biggest} px at {coarser:g} mm (the {preset} budget)"
+    # A whole slice larger than the budget's (or the given) size, or a crop larger than the budget's, is
+    # resampled more coarsely so that it fits; a given spacing, or a given crop size, is kept.
+    limit = int(given["image_size"]) if "image_size" in given else biggest
+    if size > limit and "spacing" in given:
+        size_why += f", more than {limit} px at the given spacing"
+    elif size > limit and not (roi_used and "image_size" in given):
+        coarser = math.ceil(target * (needed if roi_used else fov_mm / target) / limit * 1000) / 1000
+        spacing_why += f", coarsened to {coarser:g} mm so that the {size} px it needs fits {limit} px"
+        spacing, size = coarser, limit
+        size_why += f": {limit} px at {coarser:g} mm"
     return {"spacing": (spacing, spacing_why), "roi": (roi, roi_why), "image_size": (size, size_why)}
 
 
