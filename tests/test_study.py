@@ -340,3 +340,22 @@ def test_power_table_gives_the_seeds_a_3_point_effect_needs_from_earlier_records
     projected = power_table(records, test_patients=30).loc[2]  # the gains are the same for every patient: no residual
     assert projected["sd_residual_points"] == pytest.approx(0.0, abs=1e-9)
     assert projected["sd_points_at_30_test"] == pytest.approx(1.5811, abs=1e-3) and projected["seeds_needed"] == 5
+
+
+def test_study_power_tool_prints_the_projected_table(tmp_path, capsys):
+    from tools import study_power
+
+    records = []
+    for seed, gain in enumerate([0.02, 0.04, 0.03]):
+        base = {"generator": None, "n_real": 2, "ratio": 0.0, "seed": seed, "shapes": None, "filtered": None}
+        patients = {f"p{i}": 0.6 + 0.01 * i for i in range(4)}
+        records += [base | {"strategy": "real", "test_dice": patients},
+                    base | {"strategy": "add", "generator": "diffusion", "ratio": 1.0, "shapes": "new", "filtered": True,
+                            "test_dice": {p: d + gain + 0.01 * (i % 2) for i, (p, d) in enumerate(patients.items())}}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    study_power.main([str(path), "--setting", "real + diffusion x1 on top", "--test-patients", "20"])
+    out = capsys.readouterr().out
+    assert "sd_points_at_20_test" in out and "seeds_needed" in out
+    with pytest.raises(SystemExit, match="no patient count"):
+        study_power.main([str(path), "--setting", "real + spade_gan x1"])

@@ -214,8 +214,8 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
     apart from the cell's own folder ``study/work/n<n>_s<seed>``, where finished trainings and
     generators are kept until the caller has saved the records, so a cell that is interrupted and
     run again resumes: the records of its finished conditions wait in ``records.json`` there, and
-    each condition's checkpoints are removed once it is scored (only real only's U-Net and the
-    generators stay)."""
+    each condition's training folder is removed once it is scored. No U-Net's weights are written (real
+    only's, which the filter of a resumed cell needs, is trained again, to the same weights)."""
     work = cell_folder(run, n, seed)
     partial = work / "records.json"  # conditions an earlier try of this cell finished
     records = [r for r in (read_json(partial) if partial.is_file() else []) if _key(r) not in done]
@@ -345,9 +345,14 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
     chosen: dict[str, int] = {}
 
     def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None,
-              **on_top: Any):  # only real only's U-Net is kept on disk: the filter of a resumed cell needs it
-        result = fit(slices, val, model_cfg, train_cfg, cell.work / "seg" / f"{name}{sub}", run.data_settings(),
-                     keep="best" if cond.strategy == "real" else "none", init=init, progress=False, **on_top)
+              **on_top: Any):  # no weights on disk: a cell's folder holds records, generators and pools
+        folder = cell.work / "seg" / f"{name}{sub}"
+        result = fit(slices, val, model_cfg, train_cfg, folder, run.data_settings(), keep="none", init=init,
+                     progress=False, **on_top)
+        if result.model is None:  # real only finished in an interrupted try: the resumed cell's filter needs it again
+            shutil.rmtree(folder)
+            result = fit(slices, val, model_cfg, train_cfg, folder, run.data_settings(), keep="none", init=init,
+                         progress=False, **on_top)
         chosen["best_epoch"] = result.best_epoch  # the epoch validation chose, of the last training
         return result.model
 
