@@ -115,7 +115,9 @@ def _edited(trained: Path, tmp_path: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.update(version=FORMAT_VERSION + 1), rf"format {FORMAT_VERSION + 1}.*reads format {FORMAT_VERSION}"),
+    (lambda s: s.update(version=FORMAT_VERSION + 1), rf"format {FORMAT_VERSION + 1}.*reads formats 1 and {FORMAT_VERSION}"),
+    (lambda s: s.update(plan=["cpu"]), "malformed checkpoint, its plan is a list"),
+    (lambda s: s.update(plan={"fields": {"image_size": 64}}), "its plan field 'image_size' lacks"),
     (lambda s: s.pop("version"), "format None"),
     (lambda s: s.pop("data"), "malformed checkpoint, no data"),
     (lambda s: s.update(model_config=s["model_config"] | {"colour": 3}), "unknown key.*'colour'"),
@@ -127,6 +129,12 @@ def test_malformed_checkpoints_get_one_line_errors_naming_the_file(trained, tmp_
     with pytest.raises(CheckpointError, match=message) as err:
         load_model(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_format_1_checkpoints_without_a_plan_still_load(trained, tmp_path):
+    path = _edited(trained, tmp_path, lambda s: s.update(version=1))
+    model, meta = load_model(path)
+    assert meta["version"] == 1 and "plan" not in meta and not model.training
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):

@@ -23,7 +23,7 @@ README_SECTIONS = [  # level-2 headings of README.md, in this order (others may 
     "Results at a glance",
     "The two commands",
     "Running on your own data",
-    "Presets",
+    "How the settings are chosen",
     "Predicting new scans",
     "Google Colab",
     "The synthetic-data study",

@@ -192,12 +192,15 @@ def test_papermill_run_with_injected_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_every_preset_sets_the_parameters_left_to_it(name):
-    """A parameter whose default is "from the preset" (None) gets a value from every preset."""
-    from lib.common.presets import PRESETS
+def test_the_plan_sets_every_parameter_left_to_it(name):
+    """A parameter whose default is "from the plan" (None) is a field every plan sets, and the
+    setup cell takes the plan's values."""
+    from lib.data.plan import PLANNED
 
     params = next(c for c in cells(name, "code") if is_parameters(c)).source
-    left = [line.split(" = ")[0] for line in params.splitlines() if "from the preset" in line]
-    assert "image_size" in left
-    for preset, values in PRESETS.items():
-        assert not (missing := [k for k in left if k not in values]), f"{name}: preset {preset!r} lacks {missing}"
+    left = [line.split(" = ")[0] for line in params.splitlines() if "from the plan" in line]
+    assert "image_size" in left and "from the preset" not in params
+    assert not (missing := [k for k in left if k not in PLANNED]), f"{name}: the plan does not set {missing}"
+    setup = next(c.source for c in cells(name, "code") if "plan.plan_run(preset, globals()" in c.source)
+    assert "globals().update(data_plan.fill(globals()))" in setup
+    assert any("prepare_run(" in c.source and "plan=data_plan.to_dict()" in c.source for c in cells(name, "code"))

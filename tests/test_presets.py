@@ -1,31 +1,21 @@
-"""Presets: one parameter sets several, and a parameter given a value wins."""
+"""Presets are budgets (time, memory, largest image); the settings follow the data (tests/test_plan.py)."""
 
 import pytest
 
-from lib.common.presets import PRESETS, fill
+from lib.common.presets import BUDGETS, budget
 
 
-def test_fill_takes_only_the_parameters_left_at_none():
-    params = {"image_size": None, "epochs": 7, "tta": None, "unrelated": None}
-    assert fill("cpu", params) == {"image_size": PRESETS["cpu"]["image_size"], "tta": PRESETS["cpu"]["tta"]}
-    assert fill("demo", {"image_size": 96}) == {}
+def test_budgets_grow_from_demo_to_gpu():
+    assert BUDGETS["demo"]["max_image_size"] < BUDGETS["cpu"]["max_image_size"] < BUDGETS["gpu"]["max_image_size"]
+    assert BUDGETS["demo"]["memory_gb"] < BUDGETS["cpu"]["memory_gb"] < BUDGETS["gpu"]["memory_gb"]
+    assert BUDGETS["demo"]["time_budget_min"] < BUDGETS["gpu"]["time_budget_min"] < BUDGETS["cpu"]["time_budget_min"]
+    assert BUDGETS["demo"]["epochs"] == 4 and BUDGETS["cpu"]["epochs"] is None  # the demo stays minutes long
+    assert not BUDGETS["demo"]["locator"] and BUDGETS["cpu"]["locator"] and BUDGETS["cpu"]["tta"]
 
 
-def test_presets_differ_where_they_should():
-    assert PRESETS["demo"]["image_size"] < PRESETS["cpu"]["image_size"] <= PRESETS["gpu"]["image_size"]
-    assert PRESETS["cpu"]["context_slices"] == 1 and PRESETS["cpu"]["tta"] is True
-    assert not PRESETS["demo"]["roi"] and PRESETS["cpu"]["roi"] and PRESETS["cpu"]["spacing"] == "median"
-    assert all(p["roi_minutes"] < p["time_budget_min"] for p in PRESETS.values())
-
-
-def test_unknown_preset_is_refused():
+def test_budget_is_a_copy_and_unknown_presets_are_refused():
+    copy = budget("cpu")
+    copy["max_image_size"] = 1
+    assert BUDGETS["cpu"]["max_image_size"] == 256
     with pytest.raises(ValueError, match="unknown preset 'laptop'.*cpu"):
-        fill("laptop", {"image_size": None})
-
-
-def test_an_explicit_time_budget_lifts_the_presets_epoch_cap():
-    params = {"epochs": None, "time_budget_min": 5.0, "patience": None}
-    filled = fill("demo", params)
-    assert filled["epochs"] > 1000 and "time_budget_min" not in filled  # the user's 5 minutes decide
-    assert fill("demo", {"epochs": None, "time_budget_min": None})["epochs"] == PRESETS["demo"]["epochs"]
-    assert fill("demo", {"epochs": 3, "time_budget_min": 5.0}) == {}  # both given: both kept
+        budget("laptop")

@@ -12,7 +12,7 @@ from lib.seg import train as train_mod
 from lib.seg.checkpoint import load_model, read_checkpoint
 from lib.seg.forward import predict_probs
 from lib.seg.models import ModelConfig, build_model, check_image_size
-from lib.seg.train import TrainConfig, fit, lr_factor, patient_dice, sample_indices
+from lib.seg.train import TrainConfig, fit, lr_factor, out_of_patience, patient_dice, sample_indices
 from tests.helpers import make_task
 
 SIZE = 32
@@ -200,6 +200,18 @@ def test_early_stopping(sets, tmp_path):
     result = fit(train, val, small_model(), cfg(epochs=20, lr=1e-9, warmup_steps=1, patience=2), tmp_path, DATA,
                  progress=False)
     assert result.stopped == "early stopping" and len(result.history) < 20
+
+
+def test_early_stopping_waits_for_its_minutes_of_training(sets, tmp_path):
+    history = [{"epoch": e, "seconds": 30.0} for e in range(1, 9)]  # half a minute per epoch, best at epoch 2
+    assert not out_of_patience(cfg(patience=3, patience_minutes=5.0), history, 8, 2)  # 3 minutes since the best
+    assert out_of_patience(cfg(patience=3, patience_minutes=2.5), history, 8, 2)
+    assert out_of_patience(cfg(patience=3), history, 5, 2) and not out_of_patience(cfg(patience=3), history, 4, 2)
+    assert not out_of_patience(cfg(patience=None, patience_minutes=0.1), history, 8, 2)
+    train, val, _ = sets
+    waits = cfg(epochs=3, lr=1e-9, warmup_steps=1, patience=1, patience_minutes=10.0)
+    result = fit(train, val, small_model(), waits, tmp_path, DATA, progress=False)
+    assert result.stopped == "epochs" and len(result.history) == 3  # 10 minutes never pass
 
 
 def test_bad_model_requests():

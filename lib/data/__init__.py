@@ -4,5 +4,7 @@ Modules: task (dataset.json and the shared types Task, Case, Volume, MSDDataErro
 (NIfTI volumes, canonical orientation), images2d (2D image folders), volumes (one case,
 either format), download (MSD archives), demo (the phantom task), source (the ``data``
 parameter -> a task), slices (volume -> cached slices), splits (patient-level split.json),
-run (all of the above for a run folder), tables (the data-analysis tables and figures).
+run (all of the above for a run folder), fingerprint (what a dataset looks like, cached per run),
+plan (a run's settings from the fingerprint and a preset's budget), tables (the data-analysis
+tables and figures).
 """

@@ -50,6 +50,7 @@ class Run:
     context: int = 0
     locator: Locator | None = None
     boxes: dict[str, Box] | None = None
+    plan: dict[str, Any] | None = None  # the settings plan (lib.data.plan) the run was prepared with
 
     @property
     def labels(self) -> list[int]:
@@ -156,6 +157,7 @@ def prepare_run(
     ct_window: tuple[float, float] | None = None,
     workers: int = 2,
     progress: bool = True,
+    plan: dict[str, Any] | None = None,
 ) -> Run:
     """Resolve the data, build (or reuse) the slice cache and the split, record run.json.
 
@@ -173,6 +175,8 @@ def prepare_run(
             a canvas that holds every scan's whole field of view.
         ct_window: CT only, the (low, high) HU window; None: from the training patients'
             labelled voxels (:func:`lib.data.slices.ct_window_from_data`).
+        plan: the settings plan (:meth:`lib.data.plan.Plan.to_dict`) the parameters came from;
+            recorded in run.json and carried by every checkpoint trained on the run.
 
     A folder of 2D images keeps each image's aspect ratio (scaled to ``image_size`` on its
     longer side and padded), and has no spacing, region of interest or context slices.
@@ -187,9 +191,10 @@ def prepare_run(
         ct_window = ct_window_from_data(task, split["train"], out / "cache" / "ct_window.json")
     cfg = slice_config(task, image_size, spacing, roi, ct_window)
     cache_dir = build_cache(task, out / "cache", cfg, workers=workers, progress=progress)
-    run = Run(task, out, cache_dir, split, cfg, seed, context)
+    run = Run(task, out, cache_dir, split, cfg, seed, context, plan=plan)
     write_json(out / "run.json", {"data": str(data), "task_dir": str(task.root), "slice_config": asdict(cfg),
-                                  "cache_dir": str(cache_dir), **run.data_settings()})
+                                  "cache_dir": str(cache_dir), **run.data_settings(),
+                                  **({"plan": plan} if plan else {})})
     return run
 
 

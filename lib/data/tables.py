@@ -88,3 +88,37 @@ def slice_browser(slices: SliceSet):
 
     return widgets.interactive(show, case_id=widgets.Dropdown(options=ids),
                                position=widgets.FloatSlider(min=0, max=1, step=0.01, value=0.5))
+
+
+def _sizes(stats: dict, digits: int = 0) -> str:
+    """``median (p10 to p90)`` of per-axis statistics, axes joined by x."""
+    def axes(values):
+        values = values if isinstance(values, list) else [values]
+        return "x".join(f"{v:.{digits}f}" for v in values)
+    return f"{axes(stats['median'])} ({axes(stats['p10'])} to {axes(stats['p90'])})"
+
+
+def fingerprint_table(fp: dict) -> pd.DataFrame:
+    """A dataset fingerprint (:mod:`lib.data.fingerprint`) as a two-column table for notebook 01."""
+    unit = fp["spacing_unit"]
+    rows = {
+        "dataset": f"{fp['dataset']} ({fp['folder']}): {fp['cases']} {'images' if fp['kind'] == '2d' else 'volumes'}",
+        "image size px, median (10th to 90th percentile)": _sizes(fp["image_size_px"]),
+        f"spacing {unit}": _sizes(fp["spacing_mm"], 3),
+        "anisotropy (largest / smallest spacing)": f"{fp['anisotropy']['median']:.2f} (largest {fp['anisotropy']['max']:.2f})",
+        "modality": (f"{', '.join(fp['modality']['channels'].values())}; CT {fp['modality']['is_ct']}; "
+                     f"intensities look like HU {fp['modality']['intensities_look_like_hu']}"),
+    }
+    for entry in fp["intensity"].values():
+        for part in ("all", "foreground"):
+            if entry[part]:
+                rows[f"intensity {entry['name']} ({part}) 0.5 / 50 / 99.5 %"] = " / ".join(f"{v:g}" for v in entry[part].values())
+    for entry in fp["foreground"].values():
+        if entry["cases"]:
+            rows[f"{entry['name']}: longer in-plane extent {unit}, median (10th to 90th)"] = (
+                f"{_sizes(entry['longer_in_plane_mm'])}, {entry['longer_in_plane_px']['p90']:.0f} px (90th), "
+                f"in {entry['cases']} of {fp['cases']}")
+    share = fp["foreground_slices"]
+    rows["slices with foreground"] = (f"{100 * share['share']:.0f} % "
+                                      f"(median {share['slices_with_foreground']['median']:g} per scan)")
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["value"])

@@ -1,6 +1,8 @@
-"""Checkpoints that rebuild their own model: weights + architecture + data settings + metrics.
+"""Checkpoints that rebuild their own model: weights + architecture + data settings + metrics,
+and the settings plan they were trained with (:mod:`lib.data.plan`).
 
-Files are written atomically, so an interrupted save keeps the previous checkpoint.
+Files are written atomically, so an interrupted save keeps the previous checkpoint. Format 2
+may carry a ``plan``; format 1 files (no plan) are still read.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import torch
 from torch import nn
 
 from lib.common.atomic import atomic_path
+from lib.data.plan import plan_problem
 from lib.seg.models import ModelConfig, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: may carry the settings plan
+READ_VERSIONS = (1, 2)
 KIND = "segmentation"
 
 
@@ -29,7 +33,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, 
         model_cfg: the architecture.
         data: data settings the model was trained for (image_size, slice settings key,
             in_channels, num_classes, labels, task name).
-        **extra: anything else (metrics, epoch, optimizer state, history...).
+        **extra: anything else (metrics, epoch, optimizer state, history, the settings ``plan``...).
     """
     state = {
         "kind": KIND,
@@ -55,7 +59,7 @@ def first_line(err: BaseException) -> str:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True`` (tensors and plain Python values only,
-    never code), and check its kind, format version and required fields.
+    never code), and check its kind, format version, required fields and plan (when it has one).
 
     Raises:
         FileNotFoundError: no such file.
@@ -77,9 +81,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a segmentation checkpoint (kind {kind!r})")
     version = state.get("version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CheckpointError(f"{path}: written in checkpoint format {version!r}, this version of the project reads "
-                              f"format {FORMAT_VERSION}; retrain, or use the project version that wrote it")
+                              f"formats {' and '.join(map(str, READ_VERSIONS))}; retrain, or use the project version "
+                              "that wrote it")
     missing = [key for key in ("model_config", "data", "state_dict") if not isinstance(state.get(key), dict)]
     if missing:
         raise CheckpointError(f"{path}: malformed checkpoint, no {', '.join(missing)}")
@@ -88,6 +93,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise CheckpointError(f"{path}: model_config has unknown key(s) {', '.join(map(repr, unknown))} "
                               "(written by another version of the project?)")
+    if "plan" in state and (problem := plan_problem(state["plan"])):
+        raise CheckpointError(f"{path}: malformed checkpoint, its plan {problem}")
     return state
 
 

@@ -1,12 +1,14 @@
 """Segment new, unlabelled scans with a trained checkpoint, in the manner of nnU-Net's predict
 command::
 
-    msdseg-predict runs/heart/unet/best.pt Task02_Heart/imagesTs predictions/ [--tta] [--overwrite]
+    msdseg-predict runs/heart/unet/best.pt Task02_Heart/imagesTs predictions/ [--tta | --no-tta] [--overwrite]
 
 Inputs: a NIfTI file, a folder of NIfTI files (an MSD ``imagesTs``), an MSD task folder (its
 ``imagesTs``), or 2D images (a folder of PNG/JPG/TIFF files, or an image folder's ``images/``).
 The checkpoint carries every preprocessing setting (normalisation, size, context slices,
-target spacing, region of interest, post-processing), so nothing else is needed. Every mask is
+target spacing, region of interest, post-processing) and the settings plan it was trained with
+(:mod:`lib.data.plan`: flip TTA when the plan chose it, unless ``--tta``/``--no-tta`` says
+otherwise), so nothing else is needed. Every mask is
 written in its input's own geometry: NIfTI with the scan's shape, voxel order and affine
 (scans are segmented in canonical orientation, as in training), PNG at the image's size.
 A bad file is reported in the table and the others are still written.
@@ -72,6 +74,7 @@ class Predictor:
     data: dict[str, Any]
     source: str
     device: torch.device
+    plan: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> Predictor:
@@ -91,7 +94,7 @@ class Predictor:
         missing = [key for key in DATA_KEYS if key not in meta["data"]]
         if missing:
             raise CheckpointError(f"{checkpoint}: malformed checkpoint, its data settings lack {', '.join(missing)}")
-        return cls(model, locator, meta["data"], str(checkpoint), device)
+        return cls(model, locator, meta["data"], str(checkpoint), device, meta.get("plan"))
 
     @property
     def channels(self) -> int:
@@ -101,6 +104,21 @@ class Predictor:
     @property
     def num_classes(self) -> int:
         return int(self.data["num_classes"])
+
+    @property
+    def tta(self) -> bool:
+        """Flip test-time augmentation as the checkpoint's plan chose it (False without a plan)."""
+        return bool(self.plan and self.plan["fields"].get("tta", {}).get("value"))
+
+    def describe(self) -> str:
+        """One line: the settings the scans are segmented with, and where they come from."""
+        cfg = self.data["slice_config"]
+        where = (f"the {self.plan.get('preset')} plan of {self.plan.get('folder')}" if self.plan
+                 else "the checkpoint (no plan recorded)")
+        spacing = f"{cfg.get('spacing'):g} mm" if cfg.get("spacing") else "no target spacing"
+        return (f"settings from {where}: {cfg.get('image_size')} px, {spacing}, "
+                f"{'a locator, ' if self.locator else ''}{self.data['context_slices']} context slice(s), "
+                f"{'CT window' if self.data['is_ct'] else 'z-score'}, TTA {'on' if self.tta else 'off'} in the plan")
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -310,7 +328,7 @@ def _scan_error(err: Exception, scan: Path) -> str:
 
 
 def predict(checkpoint: str | Path, inputs: str | Path | list[str | Path], out_dir: str | Path, *,
-            overwrite: bool = False, tta: bool = False, largest_component: bool | None = None,
+            overwrite: bool = False, tta: bool | None = None, largest_component: bool | None = None,
             device: str | torch.device = "cpu", progress: bool = True) -> pd.DataFrame:
     """Segment every scan under ``inputs`` (see :func:`find_inputs`) into ``out_dir``.
 
@@ -318,7 +336,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | list[str | Path], out_d
     the checkpoint's) gets its error in the table and the others are still written. Each mask
     written is listed in ``out_dir``'s ``.msdseg-predict.json`` with its checkpoint. Inputs,
     output folder and checkpoint are checked before anything is written; a run that writes
-    nothing leaves no new folder behind.
+    nothing leaves no new folder behind. ``tta``: flip test-time augmentation; None: as the
+    checkpoint's plan chose (off without a plan).
 
     Returns:
         One row per scan (see :func:`predict_scan`); ``error`` is empty where it worked.
@@ -337,6 +356,9 @@ def predict(checkpoint: str | Path, inputs: str | Path | list[str | Path], out_d
     _check_folder(inputs, out_dir)
     written = _check_outputs(scans, outputs, out_dir, overwrite)
     predictor = Predictor.load(checkpoint, device)
+    tta = predictor.tta if tta is None else tta
+    if progress:
+        print(predictor.describe() + ("" if tta == predictor.tta else f"; TTA {'on' if tta else 'off'} as asked"))
     source = str(Path(checkpoint).resolve())
     created = _make_folder(out_dir)
     rows = []
@@ -379,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="trained checkpoint (best.pt of notebooks 02-04)")
     parser.add_argument("input", help="NIfTI file, folder of NIfTI files, MSD task folder, or folder of 2D images")
     parser.add_argument("output", help="folder for the masks (not inside the input folder)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flip test-time augmentation on or off (default: as the checkpoint's plan chose)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace masks an earlier run wrote into the output folder (listed in its {MANIFEST}); "
                              "never input scans or other files")

@@ -53,6 +53,9 @@ class TrainConfig:
         foreground_share: expected share of sampled slices that contain foreground
             (nnU-Net oversamples foreground too); None samples uniformly.
         patience: early stopping after this many epochs without a better val Dice.
+        patience_minutes: early stopping also waits until this many minutes of training have
+            passed without a better val Dice (None: epochs alone), so a run of fast epochs
+            does not stop in the first minutes of a long budget.
         augment: augmentation settings, or None for no augmentation.
         amp: mixed precision where :func:`lib.common.env.amp_dtype` gives a dtype for the device.
         channels_last: NHWC memory layout (faster convolutions on GPUs and with oneDNN on CPUs).
@@ -75,6 +78,7 @@ class TrainConfig:
     warmup_steps: int = 50
     foreground_share: float | None = 0.5
     patience: int | None = 15
+    patience_minutes: float | None = None
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     amp: bool = True
     channels_last: bool = True
@@ -184,6 +188,16 @@ def lr_factor(step: int, total_steps: int, warmup: int, time_fraction: float = 0
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def out_of_patience(cfg: TrainConfig, history: list[dict[str, Any]], epoch: int, best_epoch: int) -> bool:
+    """True when ``cfg.patience`` epochs, and ``cfg.patience_minutes`` minutes of training (the
+    epochs' ``seconds`` in ``history``), have passed since the best val Dice at ``best_epoch``
+    (never without ``patience``)."""
+    if not cfg.patience or epoch - best_epoch < cfg.patience:
+        return False
+    waited = sum(row["seconds"] for row in history if row["epoch"] > best_epoch) / 60
+    return waited >= (cfg.patience_minutes or 0.0)
+
+
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum 0.99 as nnU-Net trains (``cfg.optimizer``)."""
     if cfg.optimizer == "sgd":
@@ -262,7 +276,7 @@ def fit(
     t_start, stopped = time.perf_counter(), "epochs"
     if run.spent >= run.budget_s:  # resumed after the budget was spent
         stopped = "time budget"
-    elif run.best_epoch and run.epoch - run.best_epoch >= (cfg.patience or math.inf):
+    elif run.best_epoch and out_of_patience(cfg, run.history, run.epoch, run.best_epoch):
         stopped = "early stopping"
     while stopped == "epochs" and run.epoch < cfg.epochs:
         row, out_of_time = run.train_epoch(train_x, train_y, train.masks, origin, last, progress, extra)
@@ -275,7 +289,7 @@ def fit(
                   f"val Dice {row['val_dice']:.4f}")
         if out_of_time:
             stopped = "time budget"
-        elif cfg.patience and run.epoch - run.best_epoch >= cfg.patience:
+        elif out_of_patience(cfg, run.history, run.epoch, run.best_epoch):
             stopped = "early stopping"
     best = out_dir / "best.pt"
     run.model.load_state_dict(read_checkpoint(best)["state_dict"] if keep == "best" else run.best_state)

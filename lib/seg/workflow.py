@@ -43,8 +43,9 @@ def train_model(run: Run, name: str, model_cfg: ModelConfig, train_cfg: TrainCon
     """Train (or resume) the model ``name`` on the run's train split, validating on val.
 
     ``keep``: "best" keeps ``best.pt`` after training, "none" only the record (see :func:`fit`).
+    The checkpoints carry the run's region-of-interest stage and its settings plan.
     """
-    attach = {"locator": run.locator.state()} if run.locator else None
+    attach = ({"locator": run.locator.state()} if run.locator else {}) | ({"plan": run.plan} if run.plan else {})
     result = fit(run.slices("train"), run.slices("val"), model_cfg, train_cfg, run.run_dir / name,
                  run.data_settings(), keep=keep, attach=attach, progress=progress)
     save_figure(curves(result.history, f"{name}: {model_cfg.arch} / {model_cfg.encoder_name}"),
