@@ -347,12 +347,12 @@ def _train_condition(cond: Condition, cell: _Cell, cfg: TrainConfig, run: Run, d
     def train(slices: SliceSet, sub: str, train_cfg: TrainConfig, init: torch.nn.Module | None = None,
               **on_top: Any):  # no weights on disk: a cell's folder holds records, generators and pools
         folder = cell.work / "seg" / f"{name}{sub}"
-        result = fit(slices, val, model_cfg, train_cfg, folder, run.data_settings(), keep="none", init=init,
-                     progress=False, **on_top)
-        if result.model is None:  # real only finished in an interrupted try: the resumed cell's filter needs it again
-            shutil.rmtree(folder)
+        for _ in range(2):  # real only finished in an interrupted try keeps no weights: the filter needs them again
             result = fit(slices, val, model_cfg, train_cfg, folder, run.data_settings(), keep="none", init=init,
                          progress=False, **on_top)
+            if result.model is not None:
+                break
+            shutil.rmtree(folder)
         chosen["best_epoch"] = result.best_epoch  # the epoch validation chose, of the last training
         return result.model
 
@@ -429,15 +429,15 @@ def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, gen_cfgs: dict
     if key in cell.pools:
         return cell.pools[key]
     masks = cell.real.masks
-    if cell.shape_model is None and cond.shapes == "new":
-        cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
-                                                                             seed=cell.seed))
     need = max(max(1, round(c.ratio * len(cell.real))) for c in design.conditions(cell.n)
                if c.synthetic and (c.arm or design.generator, c.shapes, bool(c.filtered)) == key)
     file = cell.work / f"synthetic_{generator}_{cond.shapes}_{'f' if cond.filtered else 'u'}.npz"
     if not file.is_file():
         if cell.real_model is None:
             raise RuntimeError("the sample filter and the quality table need the cell's real-only U-Net; train it first")
+        if cell.shape_model is None and cond.shapes == "new":  # only to draw new pairs: a saved pool needs none
+            cell.shape_model = ShapeModel.fit(masks, run.task.num_classes, replace(shape_cfg or ShapeModelConfig(),
+                                                                                 seed=cell.seed))
         model = _generator(cell, generator, gen_cfgs[generator], device)
         generate = IMAGE_GENERATORS[generator][1]
         predict = workflow.predict_masks_fn(cell.real_model, device)
