@@ -240,7 +240,7 @@ def _fold_hardware(fold: Path, name: str) -> str:
     return "not recorded"
 
 
-STUDY_RECORDS = ("design.json", "steps.json", "results.json", "summary.json")
+STUDY_RECORDS = ("spec.json", "design.json", "steps.json", "results.json", "summary.json")
 
 
 def publish_study(run_dir: str | Path, dataset: str | None = None, results_root: str | Path = RESULTS_ROOT,

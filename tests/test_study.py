@@ -26,7 +26,7 @@ from tests.helpers import exit_once, make_task
 
 SIZE = 32
 RECORD_KEYS = {"dataset", "generator", "shapes", "filtered", "strategy", "n_real", "ratio", "seed", "train_patients",
-               "test_dice", "mean_dice", "steps", "train_seconds"}
+               "test_dice", "mean_dice", "steps", "train_seconds", "code", "hardware"}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,10 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
     armed = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], arm="diffusion", arm_n_real=3)
     assert [c.arm for c in armed.conditions(3)] == [None] * 5 + ["diffusion"] and armed.conditions(3)[-1].strategy == "add"
     assert all(c.arm is None for c in armed.conditions(1)) and armed.id != design.id
+    topped = make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[3, 2], ceiling=True)
+    assert topped.n_real == (1, 2, 3) and topped.cells()[-1] == (3, 0) and topped.subset(3, 0) == sorted(topped.pool)
+    assert [c.strategy for c in topped.conditions(3)] == ["real"] and len(topped.conditions(2)) == 5
+    assert topped.id != make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[3, 2]).id
     every = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], strategies=STRATEGIES)
     assert len(every.conditions(1)) == 10  # "add" is the ablations' mix; "mix" is in the grid already
     assert design.id == make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
@@ -70,6 +74,7 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
                             ({"generator": "vae"}, "unknown generator"), ({"strategies": ["mix"]}, "include 'real'"),
                             ({"n_test": 5}, "no training pool"), ({"arm": "spade_gan"}, "design's generator"),
                             ({"arm": "diffusion", "arm_n_real": 2}, "not among"),
+                            ({"n_real": [1, 3], "seeds": [1, 1], "ceiling": True}, "leave 3 out"),
                             ({"arm": "diffusion", "strategies": ["real", "pretrain"]}, "second arm runs with")]:
         with pytest.raises(ValueError, match=message):
             make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
@@ -98,6 +103,37 @@ def test_the_spec_carries_the_diffusion_sampler_and_reads_older_specs_without_it
     assert write(replace(gen_cfg, sampler="ddim")) == path
     with pytest.raises(ValueError, match="differs in generator"):
         write(gen_cfg)
+
+
+def test_a_published_study_is_continued_in_the_run_folder_its_spec_names(run, tmp_path):
+    design = make_design(run, n_test=2, n_val=1, n_real=[1, 2], seeds=[2, 1], ceiling=True)
+    first = design_run(replace(run, run_dir=tmp_path / "first"), design)
+    path = study_spec.write_spec(first, design, MODEL, TRAIN, small_configs()[0], small_configs()[1], shape_cfg=None,
+                                 generator_samples=None, max_epochs=2)
+    assert json.loads(path.read_text())["code"]  # the commit the study was written with
+    steps = {"design": design.id, "steps": {"1": {"epochs": 2, "steps": 4, "plateau": True, "curve": [[2, 0.5]]}}}
+    records = [{"design": design.id, "n_real": 1, "seed": s, "strategy": "real", "ratio": 0.0, "shapes": None,
+                "filtered": None, "arm": None} for s in (0, 1)]
+    published = tmp_path / "results" / "study"  # what publish_study leaves: the run folder named in the spec
+    published.mkdir(parents=True)
+    spec = json.loads(path.read_text()) | {"code": "0000000"}
+    spec["prepare"]["run_dir"] = str(tmp_path / "second")
+    (published / "spec.json").write_text(json.dumps(spec))
+    shutil.copy(path.parent / "design.json", published / "design.json")
+    (published / "steps.json").write_text(json.dumps(steps))
+    (published / "results.json").write_text(json.dumps(records))
+    target = tmp_path / "second" / "study"
+    target.mkdir(parents=True)
+    (target / "results.json").write_text(json.dumps(records[1:] + [records[0] | {"seed": 2}]))  # one already here
+    loaded = study_spec.load_spec(published / "spec.json")
+    for _ in range(2):  # a second take-over adds nothing
+        study_spec._take_over(published / "spec.json", loaded)
+        assert json.loads((target / "steps.json").read_text()) == steps and (target / "design.json").is_file()
+        assert sorted(r["seed"] for r in json.loads((target / "results.json").read_text())) == [0, 1, 2]
+    other = spec | {"max_epochs": 3}
+    (target / "spec.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another study.*max_epochs"):
+        study_spec._take_over(published / "spec.json", loaded)
 
 
 def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():

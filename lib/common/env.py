@@ -77,6 +77,18 @@ def git_sha() -> str:
         return "unknown"
 
 
+def code_version() -> str:
+    """:func:`git_sha`, with ``+changes`` when tracked files differ from that commit (a record
+    made so names no commit that reproduces it)."""
+    sha = git_sha()
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return sha
+    return f"{sha}+changes" if sha != "unknown" and out.stdout.strip() else sha
+
+
 def hardware(device: torch.device | None = None) -> str:
     """The compute used (``device``, default: :func:`get_device`) and its precision, e.g.
     '1x NVIDIA H100 80GB HBM3, bf16' or '2 CPU cores (x86_64), 2 torch thread(s), fp32'."""

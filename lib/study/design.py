@@ -67,13 +67,14 @@ class StudyDesign:
     seed: int = 0
     arm: str | None = None  # a second image generator, run with the primary mix at ``arm_n_real`` only
     arm_n_real: int | None = None
+    ceiling: bool = False  # real only once on the whole pool (its last entry of n_real, one seed): the ceiling
 
     @property
     def id(self) -> str:
         """Short hash of the design: every record carries it."""
         fields = asdict(self)
-        for name in ("arm", "arm_n_real"):  # added later: designs without an arm keep their ids
-            if fields[name] is None:
+        for name in ("arm", "arm_n_real", "ceiling"):  # added later: designs without them keep their ids
+            if fields[name] in (None, False):
                 del fields[name]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
@@ -92,7 +93,10 @@ class StudyDesign:
         ``ablation_n_real`` the primary mix ("add" if the design has it, else "mix") is also
         run at the ``ablation_ratios``, with deformed real masks, and without the filter; with
         "add" primary, "mix" (synthetic slices replacing real ones) is one more ablation. At
-        ``arm_n_real`` the primary mix is run with the second generator ``arm`` too."""
+        ``arm_n_real`` the primary mix is run with the second generator ``arm`` too. With
+        ``ceiling``, the whole pool trains real only, nothing else."""
+        if self.ceiling and n == len(self.pool):
+            return [Condition("real")]
         main = [Condition("real")] + [Condition(s, self.ratio, "new", True) for s in ("add", "mix", "pretrain",
                                                                                     "synthetic_only")
                                       if s in self.strategies] + [Condition("latent")] * ("latent" in self.strategies)
@@ -115,12 +119,15 @@ class StudyDesign:
 def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: list[int],
                 generator: str = "spade_gan", strategies: list[str] = DEFAULT_STRATEGIES, ratio: float = 1.0,
                 ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0,
-                ablations: bool = True, arm: str | None = None, arm_n_real: int | None = None) -> StudyDesign:
+                ablations: bool = True, arm: str | None = None, arm_n_real: int | None = None,
+                ceiling: bool = False) -> StudyDesign:
     """Hold out ``n_test`` test and ``n_val`` validation patients of the run's task (drawn by
     ``seed`` from all its patients); the rest is the training pool. ``strategies`` (real only
     always among them) trims the grid; the ablations run at the smallest patient count with the
     primary mix (none with ``ablations=False``, as the demo's short study). ``arm``: a second
     image generator run with the primary mix at ``arm_n_real`` patients (default: the smallest).
+    ``ceiling``: real only once more on the whole pool (added to ``n_real`` with one seed), what
+    every real patient at hand reaches.
 
     Raises:
         ValueError: a patient count the pool cannot supply, seeds not matching ``n_real``, a
@@ -137,6 +144,11 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
         raise ValueError(f"study design: give a seed count >= 1 for each of n_real={n_real}, got {seeds}")
     if bad := [n for n in n_real if not 1 <= n <= len(pool)]:
         raise ValueError(f"study design: n_real {bad} cannot be drawn from a training pool of {len(pool)} patients")
+    if ceiling:
+        if len(pool) in n_real:
+            raise ValueError(f"study design: the ceiling trains the whole pool of {len(pool)} patients; "
+                             f"leave {len(pool)} out of n_real={n_real}")
+        n_real, seeds = [*n_real, len(pool)], [*seeds, 1]
     if bad_r := [r for r in (ratio, *ablation_ratios) if not r > 0]:
         raise ValueError(f"study design: synthetic:real ratios must be positive, got {bad_r}")
     if bad_g := [g for g in (generator, arm) if g is not None and g not in GENERATORS]:
@@ -147,7 +159,7 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
         raise ValueError("study design: a second arm runs with the mix of real and synthetic slices: add 'add' or 'mix'")
     if arm is not None:
         arm_n_real = min(n_real) if arm_n_real is None else int(arm_n_real)
-        if arm_n_real not in n_real:
+        if arm_n_real not in n_real or (ceiling and arm_n_real == len(pool)):
             raise ValueError(f"study design: the second arm's patient count {arm_n_real} is not among n_real={n_real}")
     else:
         arm_n_real = None
@@ -160,7 +172,7 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
                        tuple(s for s in STRATEGIES if s in strategies), float(ratio),
                        min(n_real) if ablations and n_real else None, tuple(float(r) for r in ablation_ratios),
                        float(filter_threshold),
-                       seed, arm, arm_n_real)
+                       seed, arm, arm_n_real, bool(ceiling))
 
 
 def design_run(run: Run, design: StudyDesign) -> Run:

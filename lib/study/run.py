@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from lib.common.atomic import read_json, update_json, write_json
 from lib.common.engine import EngineConfig, Job, run_jobs
+from lib.common.env import code_version, hardware
 from lib.data.run import Run
 from lib.data.slices import SliceSet, concat, load_pairs, save_pairs
 from lib.data.volumes import read_label
@@ -235,6 +236,7 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
     if design.arm and arm_cfg is not None:
         gen_cfgs[design.arm] = replace(arm_cfg, epochs=gen_epochs)
     cell_vae_cfg = replace(vae_cfg, epochs=gen_epochs)
+    code, machine = code_version(), hardware(torch.device(device))  # the commit and machine every record names
     for cond in design.conditions(n):  # real only first: the filter and the quality table use its U-Net
         finished = cond not in todo
         if finished and (cond.strategy != "real" or not any(c.synthetic for c in todo)):
@@ -249,7 +251,8 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
             "train_patients": patients, "test_dice": scores, "mean_dice": float(np.nanmean(list(scores.values()))),
             "steps": steps[n]["steps"], "train_seconds": time.perf_counter() - t0,
             "image_size": run.slice_cfg.image_size, "n_real_slices": len(cell.real),
-            "generator_epochs": gen_epochs if _generator_name(cond, design) else None, **extra})
+            "generator_epochs": gen_epochs if _generator_name(cond, design) else None,
+            "code": code, "hardware": machine, **extra})
         write_json(partial, records)
         if cond.strategy != "real":  # keep only what the next conditions need: real only's U-Net, the generators
             for folder in (cell.work / "seg").glob(f"{_condition_name(cond)}*"):

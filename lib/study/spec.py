@@ -12,7 +12,16 @@ workstation or a cluster::
     msdseg-study runs/heart_study/study/spec.json --engine serial     # one cell after the other
 
 Re-running resumes: cells with records are not run again. On a cluster the run folder must be
-on storage every machine sees at the same path (checked before any cell is submitted).
+on storage every machine sees at the same path (checked before any cell is submitted). A
+published study (``results/<dataset>/study/spec.json``, its paths relative to the project) is
+continued on another machine by running its spec from the project folder: its design, steps and
+records are copied into the run folder it names, and only the cells without records run::
+
+    msdseg-study results/LA2018_dev/study/spec.json
+
+The spec and every record name the commit they were made with (``code``): a grid that runs for
+hours runs from a ``git worktree`` of that commit, so work on the project meanwhile cannot change
+it halfway; running a spec from other code warns.
 """
 
 from __future__ import annotations
@@ -26,13 +35,13 @@ from typing import Any
 
 from lib.common.atomic import read_json, write_json
 from lib.common.engine import ENGINES, EngineConfig
-from lib.common.env import get_device
+from lib.common.env import code_version, get_device
 from lib.data.run import Run, prepare_run
 from lib.seg.models import ModelConfig
 from lib.seg.train import TrainConfig
 from lib.study.analysis import study_conclusions, study_table, write_summary
 from lib.study.design import StudyDesign, design_from_dict, design_run, read_design
-from lib.study.run import calibrate_steps, run_study
+from lib.study.run import add_records, calibrate_steps, run_study
 from lib.synth import diffusion, gan, vae
 from lib.synth.shapes import ShapeModelConfig
 
@@ -66,13 +75,19 @@ def write_spec(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg:
             "generator_samples": generator_samples, "max_epochs": max_epochs, "device": device}
     path = spec_path(run.run_dir)
     if path.is_file():
-        saved = _with_defaults(read_json(path), type(generator_cfg))
-        if _plain(saved) != _plain(spec):
-            changed = sorted(k for k in spec if _plain(saved.get(k)) != _plain(spec[k]))
-            raise ValueError(f"{path} describes another study (differs in {', '.join(changed)}); use another run_dir "
-                             "or delete the study folder to start over")
+        _same_study(path, _with_defaults(read_json(path), type(generator_cfg)), spec)
         return path
-    return write_json(path, spec)
+    return write_json(path, spec | {"code": code_version()})
+
+
+def _same_study(path: Path, saved: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Raise ValueError unless the spec saved at ``path`` describes the study ``spec`` (the
+    commit each was written with aside)."""
+    if _plain(saved) == _plain(spec) or _plain({**saved, "code": None}) == _plain({**spec, "code": None}):
+        return
+    changed = sorted(k for k in set(spec) | set(saved) if k != "code" and _plain(saved.get(k)) != _plain(spec.get(k)))
+    raise ValueError(f"{path} describes another study (differs in {', '.join(changed)}); use another run_dir "
+                     "or delete the study folder to start over")
 
 
 def _with_defaults(saved: Any, generator: type) -> Any:
@@ -146,6 +161,11 @@ def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: 
     """
     spec = load_spec(path)
     prepare = spec["prepare"]
+    _take_over(Path(path), spec)
+    if spec.get("code") and spec["code"] != (now := code_version()):
+        print(f"msdseg-study: this study was written with commit {spec['code']}, this checkout is {now}: run it "
+              f"from `git worktree add ../study-{spec['code']} {spec['code'].split('+')[0]}` to keep its code",
+              file=sys.stderr)
     run = prepare_run(prepare["data"], prepare["run_dir"], None, prepare["image_size"], prepare["seed"],
                       ct_window=tuple(prepare["ct_window"]) if prepare["ct_window"] else None, progress=progress)
     design = spec["design"]
@@ -160,6 +180,29 @@ def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: 
                         arm_cfg=spec["arm"], shape_cfg=spec["shape"], generator_samples=spec["generator_samples"], device=device,
                         engine=engine, progress=progress)
     return srun, steps, records
+
+
+STUDY_FILES = ("spec.json", "design.json", "steps.json")  # with results.json: what continues a study elsewhere
+
+
+def _take_over(path: Path, spec: dict[str, Any]) -> None:
+    """A spec outside the run folder it names (a published study): copy its spec, design and
+    steps there where that folder has none (refusing another study's), and merge its records
+    into the folder's, so the run goes on from where the published one stopped."""
+    target = spec_path(spec["prepare"]["run_dir"])
+    if target.resolve() == path.resolve():
+        return
+    for name in STUDY_FILES:
+        src, dst = path.parent / name, target.parent / name
+        if not src.is_file():
+            continue
+        if not dst.is_file():
+            write_json(dst, read_json(src))
+        elif name == "spec.json":
+            _same_study(dst, read_json(dst), read_json(src))
+    published = path.parent / "results.json"
+    if published.is_file():
+        add_records(target.parent / "results.json", read_json(published), spec["design"])
 
 
 def main(argv: list[str] | None = None) -> int:
