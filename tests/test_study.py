@@ -111,6 +111,9 @@ def test_a_published_study_is_continued_in_the_run_folder_its_spec_names(run, tm
     path = study_spec.write_spec(first, design, MODEL, TRAIN, small_configs()[0], small_configs()[1], shape_cfg=None,
                                  generator_samples=None, max_epochs=2)
     assert json.loads(path.read_text())["code"]  # the commit the study was written with
+    assert study_spec.main([str(path), "--steps-only", "--engine", "serial"]) == 0  # the steps, no cell
+    assert set(json.loads((path.parent / "steps.json").read_text())["steps"]) == {"1", "2", "3"}  # 3: the ceiling
+    assert not (path.parent / "results.json").exists()
     steps = {"design": design.id, "steps": {"1": {"epochs": 2, "steps": 4, "plateau": True, "curve": [[2, 0.5]]}}}
     records = [{"design": design.id, "n_real": 1, "seed": s, "strategy": "real", "ratio": 0.0, "shapes": None,
                 "filtered": None, "arm": None} for s in (0, 1)]

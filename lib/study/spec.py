@@ -41,7 +41,7 @@ from lib.seg.models import ModelConfig
 from lib.seg.train import TrainConfig
 from lib.study.analysis import study_conclusions, study_table, write_summary
 from lib.study.design import StudyDesign, design_from_dict, design_run, read_design
-from lib.study.run import add_records, calibrate_steps, run_study
+from lib.study.run import add_records, calibrate_steps, load_records, run_study
 from lib.synth import diffusion, gan, vae
 from lib.synth.shapes import ShapeModelConfig
 
@@ -151,10 +151,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                    "shape": None if spec["shape"] is None else rebuild(ShapeModelConfig, spec["shape"])}
 
 
-def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: bool = True
+def run_spec(path: str | Path, engine: EngineConfig | None = None, *, cells: bool = True, progress: bool = True
              ) -> tuple[Run, dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """Run (or resume) the study of ``spec.json``: the steps' calibration first, once, then every
-    cell not yet recorded on ``engine`` (:mod:`lib.common.engine`).
+    cell not yet recorded on ``engine`` (:mod:`lib.common.engine`); with ``cells=False`` the
+    calibration only (so ``bench/study_cost.py`` can cost the grid before it starts).
 
     Returns:
         The study's run (its split: the design's), the steps per patient count, every record.
@@ -173,6 +174,8 @@ def run_spec(path: str | Path, engine: EngineConfig | None = None, *, progress: 
     device = str(get_device(spec["device"]))
     steps = calibrate_steps(srun, design, spec["model"], spec["train"], max_epochs=spec["max_epochs"],
                             device=device, progress=progress)
+    if not cells:
+        return srun, steps, load_records(srun.run_dir / "study" / "results.json", design)
     engine = engine or EngineConfig()
     if engine.num_gpus == 0 and device.startswith("cuda") and engine.engine == "ray":
         engine = EngineConfig(engine.engine, engine.address, engine.num_cpus, 0.25, engine.max_retries)
@@ -218,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-gpus", type=float, default=0,
                         help="GPUs per cell (0.25: four cells share a GPU; default with a CUDA device: 0.25)")
     parser.add_argument("--max-retries", type=int, default=1, help="further tries of a cell that failed")
+    parser.add_argument("--steps-only", action="store_true", help="choose the steps on validation and stop "
+                        "(then `python bench/study_cost.py RUN_DIR` costs the grid before it starts)")
     args = parser.parse_args(argv)
     engine = EngineConfig(args.engine, args.address, args.cell_cpus, args.cell_gpus, args.max_retries)
     try:
-        srun, steps, records = run_spec(args.spec, engine)
+        srun, steps, records = run_spec(args.spec, engine, cells=not args.steps_only)
     except RuntimeError as err:  # cells failed: the others are saved
         print(f"msdseg-study: {err}", file=sys.stderr)
         return 1
