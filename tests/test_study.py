@@ -1,5 +1,6 @@
 import functools
 import json
+import os
 import shutil
 from dataclasses import replace
 
@@ -133,6 +134,9 @@ def test_a_published_study_is_continued_in_the_run_folder_its_spec_names(run, tm
         study_spec._take_over(published / "spec.json", loaded)
         assert json.loads((target / "steps.json").read_text()) == steps and (target / "design.json").is_file()
         assert sorted(r["seed"] for r in json.loads((target / "results.json").read_text())) == [0, 1, 2]
+    relative = spec | {"prepare": spec["prepare"] | {"run_dir": os.path.relpath(spec["prepare"]["run_dir"])}}
+    (target / "spec.json").write_text(json.dumps(relative))  # the same study, written with a relative path
+    study_spec._take_over(published / "spec.json", loaded)
     other = spec | {"max_epochs": 3}
     (target / "spec.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another study.*max_epochs"):

@@ -201,11 +201,18 @@ def _take_over(path: Path, spec: dict[str, Any]) -> None:
             continue
         if not dst.is_file():
             write_json(dst, read_json(src))
-        elif name == "spec.json":
-            _same_study(dst, read_json(dst), read_json(src))
+        elif name == "spec.json":  # the same study, its paths written absolute or relative to the project
+            _same_study(dst, _resolved(read_json(dst)), _resolved(read_json(src)))
     published = path.parent / "results.json"
     if published.is_file():
         add_records(target.parent / "results.json", read_json(published), spec["design"])
+
+
+def _resolved(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with the data and run folders as absolute paths (a published spec's are relative)."""
+    prepare = spec.get("prepare", {})
+    return spec | {"prepare": prepare | {k: str(Path(prepare[k]).resolve()) for k in ("data", "run_dir")
+                                         if prepare.get(k)}}
 
 
 def main(argv: list[str] | None = None) -> int:
