@@ -151,6 +151,24 @@ def test_plateau_epoch_is_where_the_smoothed_validation_dice_stops_rising():
         study_run.plateau_epoch([])
 
 
+def test_steps_calibrated_for_one_design_serve_a_resized_grid_but_not_other_patients(run, monkeypatch, tmp_path):
+    small = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[1])
+    srun = replace(design_run(replace(run, run_dir=tmp_path), small), run_dir=tmp_path)
+    curve = {"epochs": 2, "steps": 4, "plateau": True, "curve": [[2, 0.5], [4, 0.6]]}
+    key = study_run.calibration_key(small, MODEL, TRAIN, 3)
+    (tmp_path / "study" / "steps.json").write_text(json.dumps({"design": small.id, "calibration": key,
+                                                                "steps": {"1": curve}}))
+    monkeypatch.setattr(study_run, "fit", lambda *a, **k: pytest.fail("the saved steps should have been reused"))
+    larger = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[4], arm="diffusion")  # more seeds, an arm
+    assert larger.id != small.id
+    assert study_run.calibrate_steps(srun, larger, MODEL, TRAIN, max_epochs=3, progress=False) == {1: curve}
+    # another pool (split seed 1), or the same grid tried for more epochs: calibrated afresh, so refused here
+    other_pool = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[4], seed=1)
+    for design, max_epochs in ((other_pool, 3), (larger, 4)):
+        with pytest.raises(ValueError, match="other validation patients, pool or training settings"):
+            study_run.calibrate_steps(srun, design, MODEL, TRAIN, max_epochs=max_epochs, progress=False)
+
+
 @pytest.mark.slow
 def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_foreign_records(run, monkeypatch, capsys,
                                                                                              tmp_path):

@@ -185,7 +185,8 @@ def design_run(run: Run, design: StudyDesign) -> Run:
     saved = read_json(path) if path.is_file() else None
     if saved is not None and saved.get("id") != design.id:
         raise ValueError(f"{path} holds study design {saved.get('id')} (test {saved.get('test')}), not {design.id} "
-                         f"(test {list(design.test)}); use another run_dir or delete the study folder to start over")
+                         f"(test {list(design.test)}); use another run_dir or delete the study folder to start over (to resize "
+                         f"a grid before any cell ran, delete only design.json and spec.json: steps.json is reused)")
     if saved is None:
         write_json(path, asdict(design) | {"id": design.id})
     return replace(run, split=design.split())

@@ -46,11 +46,12 @@ cell resumes from them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,15 @@ def _epoch_steps(cfg: TrainConfig) -> int:
     return math.ceil(cfg.samples_per_epoch / cfg.batch_size)
 
 
+def calibration_key(design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, max_epochs: int) -> str:
+    """What the steps' calibration depends on: the validation patients, the pool and its shuffle,
+    the U-Net and its training, the epochs tried. Not the seeds per count, the generators or the
+    strategies, so a grid resized after it was costed keeps its calibrated steps."""
+    fields = {"dataset": design.dataset, "val": design.val, "pool": design.pool, "seed": design.seed,
+              "model": asdict(model_cfg), "train": asdict(replace(train_cfg, device="any")), "max_epochs": max_epochs}
+    return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+
+
 def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
                     max_epochs: int, device: str = "cpu", progress: bool = True) -> dict[int, dict[str, Any]]:
     """For each patient count: train real only (seed 0's subset) for ``max_epochs`` at a constant
@@ -121,7 +131,8 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
     ``samples_per_epoch`` must be set, so an epoch is the same number of steps for every training
     set. The study then trains every condition for that many steps with its usual schedule.
 
-    Returns (and keeps in ``study/steps.json``, reused on a re-run):
+    Returns (and keeps in ``study/steps.json``, reused on a re-run, and by another design with
+    the same :func:`calibration_key`):
         n_real -> {"epochs", "steps", "plateau" (False: still rising at ``max_epochs``, so the
         study trains all of them), "curve": [[steps, val_dice], ...]}.
     """
@@ -129,8 +140,10 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
         raise ValueError("calibrate_steps: set samples_per_epoch, so every condition's epoch has the same steps")
     path = run.run_dir / "study" / "steps.json"
     saved = read_json(path) if path.is_file() else {}
-    if saved and saved.get("design") != design.id:
-        raise ValueError(f"{path} was calibrated for study design {saved.get('design')}, not {design.id}")
+    key = calibration_key(design, model_cfg, train_cfg, max_epochs)
+    if saved and design.id != saved.get("design") and key != saved.get("calibration"):
+        raise ValueError(f"{path} was calibrated for study design {saved.get('design')} with other validation "
+                         f"patients, pool or training settings than design {design.id}")
     out = read_steps(path) if saved else {}
     train, val = run.slices("train"), run.slices("val")
     per_epoch = _epoch_steps(train_cfg)
@@ -145,9 +158,9 @@ def calibrate_steps(run: Run, design: StudyDesign, model_cfg: ModelConfig, train
         curve = [[row["epoch"] * per_epoch, row["val_dice"]] for row in result.history]
         epochs = plateau_epoch([d for _, d in curve])
         out[n] = {"epochs": epochs, "steps": epochs * per_epoch, "plateau": epochs < max_epochs, "curve": curve}
-        write_json(path, {"design": design.id, "steps": out})
+        write_json(path, {"design": design.id, "calibration": key, "steps": out})
         shutil.rmtree(run.run_dir / "study" / "work" / f"calibrate_n{n}", ignore_errors=True)
-    return out
+    return {n: out[n] for n in design.n_real}
 
 
 def _patients(slices: SliceSet, patients: list[str]) -> SliceSet:
