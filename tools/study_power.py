@@ -1,6 +1,6 @@
 """How many seeds (training subsets) a study needs to detect an effect, from an earlier study's records.
 
-    python tools/study_power.py results/Task02_Heart_dev/study/results.json --test-patients 20 \
+    python tools/study_power.py results/Task02_Heart_dev/study_mix_spade_gan/results.json --test-patients 20 \
         [--setting "real + spade_gan x1"] [--effect 3] [--power 0.8]
 
 Per patient count: the spread of the seeds' mean paired differences to real only, split into the part
