@@ -19,7 +19,7 @@ from lib.study import run as study_run
 from lib.study import spec as study_spec
 from lib.study.analysis import power_table, setting_label, study_conclusions
 from lib.study.cost import grid_workload, makespan, study_workload
-from lib.study.design import GENERATORS, STRATEGIES, design_run, make_design
+from lib.study.design import ABLATIONS, GENERATORS, STRATEGIES, design_run, make_design
 from lib.synth import diffusion, gan
 from lib.synth.generative import TrainingCollapsed
 from lib.synth.vae import VAEConfig
@@ -69,6 +69,10 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
     every = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], strategies=STRATEGIES)
     assert len(every.conditions(1)) == 10  # "add" is the ablations' mix; "mix" is in the grid already
     assert design.id == make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2]).id
+    chosen = make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], ablations=["mix", "deformed"])
+    assert [(c.strategy, c.shapes) for c in chosen.conditions(1)[5:]] == [("add", "deformed"), ("mix", "new")]
+    assert chosen.id != design.id and len(chosen.conditions(3)) == 5
+    assert make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], ablations=list(ABLATIONS)).id == design.id
     assert design.id != make_design(run, n_test=2, n_val=1, n_real=[1, 3], seeds=[3, 2], seed=1).id
     for kwargs, message in [({"n_real": [4]}, "cannot be drawn"), ({"ratio": 0.0}, "must be positive"),
                             ({"ablation_ratios": [-1.0]}, "must be positive"), ({"seeds": [1, 1]}, "seed count"),
@@ -76,7 +80,8 @@ def test_the_design_holds_patients_out_and_refuses_what_it_cannot_supply(run):
                             ({"n_test": 5}, "no training pool"), ({"arm": "spade_gan"}, "design's generator"),
                             ({"arm": "diffusion", "arm_n_real": 2}, "not among"),
                             ({"n_real": [1, 3], "seeds": [1, 1], "ceiling": True}, "leave 3 out"),
-                            ({"arm": "diffusion", "strategies": ["real", "pretrain"]}, "second arm runs with")]:
+                            ({"arm": "diffusion", "strategies": ["real", "pretrain"]}, "second arm runs with"),
+                            ({"ablations": ["mix", "noise"]}, "unknown ablations")]:
         with pytest.raises(ValueError, match=message):
             make_design(run, **({"n_test": 2, "n_val": 1, "n_real": [1], "seeds": [1]} | kwargs))
 

@@ -30,6 +30,7 @@ GENERATORS = ("spade_gan", "diffusion")  # image generators a design may name (l
 
 
 STRATEGIES = ("real", "add", "mix", "pretrain", "synthetic_only", "latent")
+ABLATIONS = ("ratios", "deformed", "unfiltered", "mix")  # what the smallest patient count may also train
 DEFAULT_STRATEGIES = ("real", "add", "pretrain", "synthetic_only", "latent")  # "mix" (replace) is an ablation
 
 
@@ -68,13 +69,14 @@ class StudyDesign:
     arm: str | None = None  # a second image generator, run with the primary mix at ``arm_n_real`` only
     arm_n_real: int | None = None
     ceiling: bool = False  # real only once on the whole pool (its last entry of n_real, one seed): the ceiling
+    ablations: tuple[str, ...] = ABLATIONS  # which of ABLATIONS run at ablation_n_real
 
     @property
     def id(self) -> str:
         """Short hash of the design: every record carries it."""
         fields = asdict(self)
-        for name in ("arm", "arm_n_real", "ceiling"):  # added later: designs without them keep their ids
-            if fields[name] in (None, False):
+        for name, default in (("arm", None), ("arm_n_real", None), ("ceiling", False), ("ablations", ABLATIONS)):
+            if fields[name] in (default, False, None):  # added later: designs without them keep their ids
                 del fields[name]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
@@ -92,7 +94,8 @@ class StudyDesign:
         """The conditions of a cell with ``n`` real patients, real only first. At
         ``ablation_n_real`` the primary mix ("add" if the design has it, else "mix") is also
         run at the ``ablation_ratios``, with deformed real masks, and without the filter; with
-        "add" primary, "mix" (synthetic slices replacing real ones) is one more ablation. At
+        "add" primary, "mix" (synthetic slices replacing real ones) is one more ablation (each of them
+        only if named in ``ablations``). At
         ``arm_n_real`` the primary mix is run with the second generator ``arm`` too. With
         ``ceiling``, the whole pool trains real only, nothing else."""
         if self.ceiling and n == len(self.pool):
@@ -105,9 +108,10 @@ class StudyDesign:
             main.append(Condition(primary, self.ratio, "new", True, self.arm))
         if n != self.ablation_n_real or primary not in self.strategies:
             return main
-        extra = [Condition(primary, r, "new", True) for r in self.ablation_ratios] + [
-            Condition(primary, self.ratio, "deformed", True), Condition(primary, self.ratio, "new", False)]
-        if primary == "add" and "mix" not in self.strategies:
+        extra = [Condition(primary, r, "new", True) for r in self.ablation_ratios] * ("ratios" in self.ablations)
+        extra += [Condition(primary, self.ratio, "deformed", True)] * ("deformed" in self.ablations)
+        extra += [Condition(primary, self.ratio, "new", False)] * ("unfiltered" in self.ablations)
+        if primary == "add" and "mix" not in self.strategies and "mix" in self.ablations:
             extra.append(Condition("mix", self.ratio, "new", True))
         return main + extra
 
@@ -119,12 +123,13 @@ class StudyDesign:
 def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: list[int],
                 generator: str = "spade_gan", strategies: list[str] = DEFAULT_STRATEGIES, ratio: float = 1.0,
                 ablation_ratios: list[float] = (0.5, 2.0), filter_threshold: float = 0.5, seed: int = 0,
-                ablations: bool = True, arm: str | None = None, arm_n_real: int | None = None,
+                ablations: bool | list[str] = True, arm: str | None = None, arm_n_real: int | None = None,
                 ceiling: bool = False) -> StudyDesign:
     """Hold out ``n_test`` test and ``n_val`` validation patients of the run's task (drawn by
     ``seed`` from all its patients); the rest is the training pool. ``strategies`` (real only
     always among them) trims the grid; the ablations run at the smallest patient count with the
-    primary mix (none with ``ablations=False``, as the demo's short study). ``arm``: a second
+    primary mix (all of :data:`ABLATIONS` with ``ablations=True``, those named in a list, none with
+    ``ablations=False``, as the demo's short study). ``arm``: a second
     image generator run with the primary mix at ``arm_n_real`` patients (default: the smallest).
     ``ceiling``: real only once more on the whole pool (added to ``n_real`` with one seed), what
     every real patient at hand reaches.
@@ -165,14 +170,17 @@ def make_design(run: Run, *, n_test: int, n_val: int, n_real: list[int], seeds: 
         arm_n_real = None
     if not 0 <= filter_threshold <= 1:
         raise ValueError(f"study design: filter threshold {filter_threshold} must lie in [0, 1]")
+    kinds = ABLATIONS if ablations is True else tuple(a for a in ABLATIONS if a in (ablations or ()))
+    if ablations not in (True, False) and (unknown := set(ablations) - set(ABLATIONS)):
+        raise ValueError(f"study design: unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
     if "real" not in strategies or set(strategies) - set(STRATEGIES):
         raise ValueError(f"study design: strategies {list(strategies)} must include 'real' and come from {STRATEGIES}")
     return StudyDesign(run.task.name, tuple(sorted(test)), tuple(sorted(val)), tuple(sorted(pool)),
                        tuple(int(n) for n in n_real), tuple(int(k) for k in seeds), generator,
                        tuple(s for s in STRATEGIES if s in strategies), float(ratio),
-                       min(n_real) if ablations and n_real else None, tuple(float(r) for r in ablation_ratios),
+                       min(n_real) if kinds and n_real else None, tuple(float(r) for r in ablation_ratios),
                        float(filter_threshold),
-                       seed, arm, arm_n_real, bool(ceiling))
+                       seed, arm, arm_n_real, bool(ceiling), kinds if kinds else ABLATIONS)
 
 
 def design_run(run: Run, design: StudyDesign) -> Run:
