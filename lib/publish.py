@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -254,7 +255,8 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     Raises:
         FileNotFoundError: ``run_dir`` holds no study (``study/design.json``, ``steps.json``).
     """
-    from lib.study.run import load_records, read_steps  # the study's runner: torch, only here
+    # the study's runner imports torch: only here
+    from lib.study.run import load_records, read_steps, record_key, unfinished_records
 
     run_dir = Path(run_dir)
     src = run_dir / "study"
@@ -263,20 +265,24 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     design = read_design(src / "design.json")
     steps = read_steps(src / "steps.json")
     records = load_records(src / "results.json", design)
+    have = {record_key(r) for r in records}  # with the finished conditions of unfinished cells, so an interruption loses less
+    records += [r for r in unfinished_records(src, design) if record_key(r) not in have]
     conclusions = study_conclusions(records)
     write_summary(src, design, conclusions, steps)
     viz.save_figure(study_figure(records, conclusions), src / "study.png")
     viz.save_figure(steps_figure(steps), src / "steps.png")
     out = Path(results_root) / (dataset or read_json(run_dir / "run.json")["task"]) / "study"
     written = [write_text(out / name, relative_paths((src / name).read_text(encoding="utf-8")))
-               for name in STUDY_RECORDS if (src / name).is_file()]
+               for name in STUDY_RECORDS if name != "results.json" and (src / name).is_file()]
+    written.append(write_text(out / "results.json", relative_paths(json.dumps(records, indent=1))))
     for name in ("study.png", "steps.png"):
         data = shrink_image((src / name).read_bytes())
         written.append(write_with(out / name, lambda p, d=data: p.write_bytes(d)))
     notebook = run_dir / "notebooks" / "05_vae_synthesis.ipynb"
-    if notebook.is_file():
+    if notebook.is_file():  # a grid run elsewhere (msdseg-study) keeps the notebook published with its spec
         written.append(write_text(out / "notebooks" / notebook.name, clean_notebook(notebook)))
-    index = study_index(design, steps, records, conclusions, command, notebook=notebook.is_file())
+    index = study_index(design, steps, records, conclusions, command,
+                        notebook=(out / "notebooks" / notebook.name).is_file())
     written.append(write_text(out / "README.md", index))
     _check_sizes(out, written)
     refresh_parent_index(out, results_root)

@@ -252,6 +252,36 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
         study_run.load_records(run.run_dir / "study" / "results.json", replace(design, ratio=3.0))
 
 
+def test_publishing_a_running_study_keeps_the_finished_conditions_of_unfinished_cells(run, tmp_path):
+    design = make_design(run, n_test=2, n_val=1, n_real=[1], seeds=[2], strategies=["real", "add"])
+    srun = design_run(replace(run, run_dir=tmp_path / "run"), design)
+    study = srun.run_dir / "study"
+    (study / "steps.json").write_text(json.dumps({"design": design.id, "steps": {
+        "1": {"epochs": 2, "steps": 4, "plateau": True, "curve": [[2, 0.5]]}}}))
+
+    def record(seed, strategy, dice):
+        synthetic = strategy != "real"
+        return {"design": design.id, "dataset": design.dataset, "n_real": 1, "seed": seed, "strategy": strategy,
+                "ratio": 1.0 if synthetic else 0.0, "shapes": "new" if synthetic else None,
+                "filtered": True if synthetic else None, "arm": None, "generator": "spade_gan" if synthetic else None,
+                "test_dice": dict.fromkeys(design.test, dice), "mean_dice": dice, "steps": 4}
+
+    (study / "results.json").write_text(json.dumps([record(0, "real", 0.5), record(0, "add", 0.6)]))
+    work = study_run.cell_folder(srun, 1, 1)
+    work.mkdir(parents=True)  # cell (1, 1) was interrupted after real only; the driver never merged it
+    (work / "records.json").write_text(json.dumps([record(1, "real", 0.4)]))
+    published = publish_study(srun.run_dir, "demo", results_root=tmp_path / "results")
+    assert [(r["seed"], r["strategy"]) for r in json.loads((published / "results.json").read_text())] == [
+        (0, "real"), (0, "add"), (1, "real")]
+    planned = sum(len(design.conditions(n)) for n, _ in design.cells())
+    assert f"3 of {planned} conditions done" in (published / "README.md").read_text()
+    assert len(json.loads((study / "results.json").read_text())) == 2  # the run's own records: the driver's alone
+
+    (work / "records.json").write_text(json.dumps([record(1, "real", 0.4) | {"design": "another"}]))
+    with pytest.raises(ValueError, match="another"):
+        publish_study(srun.run_dir, "demo", results_root=tmp_path / "results")
+
+
 def test_workload_counts_calibration_conditions_and_each_cells_generators_once():
     steps = {1: {"curve": [[4, 0.1], [8, 0.2], [12, 0.3]], "steps": 8}, 2: {"curve": [[4, 0.1], [8, 0.3]], "steps": 8}}
     rec = {"n_real": 1, "seed": 0, "steps": 8, "n_real_slices": 10, "generator_epochs": None, "generator": None,

@@ -167,7 +167,8 @@ def _patients(slices: SliceSet, patients: list[str]) -> SliceSet:
     return slices.subset(np.flatnonzero(np.isin(slices.case_ids, patients)))
 
 
-def _key(r: dict[str, Any]) -> tuple:
+def record_key(r: dict[str, Any]) -> tuple:
+    """What identifies a record's condition and cell: one record per key in a study."""
     return (r["strategy"], r["shapes"], r["filtered"], float(r["ratio"]), r.get("arm"), r["n_real"], r["seed"])
 
 
@@ -180,6 +181,15 @@ def load_records(path: Path, design: StudyDesign) -> list[dict[str, Any]]:
     return records
 
 
+def unfinished_records(study_dir: Path, design: StudyDesign) -> list[dict[str, Any]]:
+    """The records of finished conditions of cells still running or interrupted (``records.json`` in
+    their work folders under ``study_dir``), which the driver has not merged yet."""
+    records = [r for path in sorted(study_dir.glob("work/n*_s*/records.json")) for r in read_json(path)]
+    if foreign := sorted({str(r.get("design")) for r in records} - {design.id}):
+        raise ValueError(f"{study_dir / 'work'} holds records of study design(s) {foreign}, not {design.id}")
+    return records
+
+
 def add_records(path: Path, new: list[dict[str, Any]], design: StudyDesign) -> list[dict[str, Any]]:
     """Merge ``new`` records into ``path`` under its lock (:func:`update_json`): what
     another process wrote meanwhile is kept, and a condition already recorded is not added twice.
@@ -187,8 +197,8 @@ def add_records(path: Path, new: list[dict[str, Any]], design: StudyDesign) -> l
     def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if foreign := sorted({str(r.get("design")) for r in records + new} - {design.id}):
             raise ValueError(f"{path}: records of study design(s) {foreign}, not {design.id}")
-        have = {_key(r) for r in records}
-        return records + [r for r in new if _key(r) not in have]
+        have = {record_key(r) for r in records}
+        return records + [r for r in new if record_key(r) not in have]
 
     return update_json(path, merge, default=[])
 
@@ -232,9 +242,9 @@ def run_cell(run: Run, design: StudyDesign, n: int, seed: int, model_cfg: ModelC
     only's, which the filter of a resumed cell needs, is trained again, to the same weights)."""
     work = cell_folder(run, n, seed)
     partial = work / "records.json"  # conditions an earlier try of this cell finished
-    records = [r for r in (read_json(partial) if partial.is_file() else []) if _key(r) not in done]
-    have = done | {_key(r) for r in records}
-    todo = [c for c in design.conditions(n) if _key(_fields(c, n, seed)) not in have]
+    records = [r for r in (read_json(partial) if partial.is_file() else []) if record_key(r) not in done]
+    have = done | {record_key(r) for r in records}
+    todo = [c for c in design.conditions(n) if record_key(_fields(c, n, seed)) not in have]
     if not todo:
         return records
     if design.arm and arm_cfg is None and any(c.arm for c in todo):
@@ -292,11 +302,11 @@ def cell_folder(run: Run, n: int, seed: int) -> Path:
 def cell_jobs(run: Run, design: StudyDesign, records: list[dict[str, Any]], **cell_args: Any) -> list[Job]:
     """One :class:`Job` per cell with conditions not yet in ``records``, calling
     :func:`run_cell` with ``cell_args``."""
-    done = frozenset(_key(r) for r in records)
+    done = frozenset(record_key(r) for r in records)
     return [Job(f"cell n={n} seed={seed}", run_cell, {"run": run, "design": design, "n": n, "seed": seed,
                                                        "done": done, **cell_args})
             for n, seed in design.cells()
-            if any(_key(_fields(c, n, seed)) not in done for c in design.conditions(n))]
+            if any(record_key(_fields(c, n, seed)) not in done for c in design.conditions(n))]
 
 
 def run_cells(run: Run, design: StudyDesign, jobs: list[Job], engine: EngineConfig | None = None,
