@@ -28,6 +28,8 @@ from lib.common.diary import RUN_LOG
 from lib.common.paths import PROJECT_ROOT, relative_paths
 from lib.seg.tables import comparison_table, cross_validation_table, paired_differences
 from lib.study.analysis import (
+    generator_quality_table,
+    quality_figure,
     steps_figure,
     study_conclusions,
     study_figure,
@@ -268,14 +270,15 @@ def publish_study(run_dir: str | Path, dataset: str | None = None, results_root:
     have = {record_key(r) for r in records}  # with the finished conditions of unfinished cells, so an interruption loses less
     records += [r for r in unfinished_records(src, design) if record_key(r) not in have]
     conclusions = study_conclusions(records)
-    write_summary(src, design, conclusions, steps)
+    write_summary(src, design, conclusions, steps, records)
     viz.save_figure(study_figure(records, conclusions), src / "study.png")
     viz.save_figure(steps_figure(steps), src / "steps.png")
+    viz.save_figure(quality_figure(records), src / "quality.png")
     out = Path(results_root) / (dataset or read_json(run_dir / "run.json")["task"]) / "study"
     written = [write_text(out / name, relative_paths((src / name).read_text(encoding="utf-8")))
                for name in STUDY_RECORDS if name != "results.json" and (src / name).is_file()]
     written.append(write_text(out / "results.json", relative_paths(json.dumps(records, indent=1))))
-    for name in ("study.png", "steps.png"):
+    for name in ("study.png", "steps.png", "quality.png"):
         data = shrink_image((src / name).read_bytes())
         written.append(write_with(out / name, lambda p, d=data: p.write_bytes(d)))
     notebook = run_dir / "notebooks" / "05_vae_synthesis.ipynb"
@@ -322,6 +325,16 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
                   "t-interval over the seeds, `ci_low`/`ci_high`, and a crossed bootstrap of seeds and test patients, "
                   "`boot_low`/`boot_high`, a verdict only when both exclude 0; summaries without `boot_` columns used "
                   "a two-stage bootstrap, seeds then test patients within each).", "", markdown_table(conclusions, digits=3), "", "![study](study.png)", ""]
+        generators = generator_quality_table(records)
+        if len(generators):
+            lines += ["## The generators behind the comparisons", "", "Every cell's generator, trained on the cell's "
+                      "patients only, measured against the validation patients (never the test ones): ratios to real "
+                      "of the Fréchet distance (lower is closer), sharpness and mask agreement (the Dice of the cell's "
+                      "real-only U-Net on the pairs' images against their masks; the filter keeps pairs it agrees with, "
+                      "so above 1 is expected), the share of "
+                      "drawn pairs the filter kept and the share of unique pairs; means over the seeds, the worst "
+                      "Fréchet ratio and unique share beside them. Each cell's point: `quality.png`.", "",
+                      markdown_table(generators, digits=2), "", "![quality against effect](quality.png)", ""]
     if notebook:
         partial = "" if len(records) >= planned else " (while the study runs: up to its last saved cell)"
         lines += [f"[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb){partial}.", ""]

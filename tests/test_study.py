@@ -17,7 +17,13 @@ from lib.seg.models import ModelConfig
 from lib.seg.train import TrainConfig
 from lib.study import run as study_run
 from lib.study import spec as study_spec
-from lib.study.analysis import power_table, setting_label, study_conclusions
+from lib.study.analysis import (
+    generator_cells,
+    generator_quality_table,
+    power_table,
+    setting_label,
+    study_conclusions,
+)
 from lib.study.cost import grid_workload, makespan, study_workload
 from lib.study.design import ABLATIONS, GENERATORS, STRATEGIES, design_run, make_design
 from lib.synth import diffusion, gan
@@ -235,9 +241,12 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
     assert kept == ["design.json", "results.json", "steps.json"]  # records only: no checkpoints or samples
 
     published = publish_study(run.run_dir, "demo", results_root=tmp_path / "results")
-    assert sorted(p.name for p in published.iterdir()) == ["README.md", "design.json", "results.json", "steps.json",
-                                                          "steps.png", "study.png", "summary.json"]
-    assert "10 of 10 conditions done: complete" in (published / "README.md").read_text()
+    assert sorted(p.name for p in published.iterdir()) == ["README.md", "design.json", "quality.png", "results.json",
+                                                          "steps.json", "steps.png", "study.png", "summary.json"]
+    index = (published / "README.md").read_text()
+    assert "10 of 10 conditions done: complete" in index and "## The generators behind the comparisons" in index
+    generators = json.loads((published / "summary.json").read_text())["generators"]
+    assert {g["setting"] for g in generators} >= {"real + spade_gan x1 on top", "real + spade_gan x1"}
 
     monkeypatch.setattr(study_run, "fit", lambda *a, **k: pytest.fail("a finished condition was trained again"))
     assert study_run.run_study(srun, design, MODEL, TRAIN, steps, gen_cfg, vae_cfg, progress=False,
@@ -455,3 +464,24 @@ def test_study_power_tool_prints_the_projected_table(tmp_path, capsys):
     assert "sd_points_at_20_test" in out and "seeds_needed" in out
     with pytest.raises(SystemExit, match="no patient count"):
         study_power.main([str(path), "--setting", "real + spade_gan x1"])
+
+
+def test_generator_quality_table_reads_each_comparison_against_its_cells_generators():
+    records, quality = [], [(2.0, 0.5), (1.0, 0.9)]  # (Fréchet ratio, unique share) of seeds 0 and 1
+    for seed, (frechet, unique) in enumerate(quality):
+        base = {"generator": None, "n_real": 2, "ratio": 0.0, "seed": seed, "shapes": None, "filtered": None}
+        patients = {f"p{i}": 0.6 + 0.01 * i for i in range(4)}
+        records.append(base | {"strategy": "real", "test_dice": patients})
+        records.append(base | {"strategy": "add", "generator": "diffusion", "ratio": 1.0, "shapes": "new",
+                               "filtered": True, "test_dice": {p: d + 0.02 * seed for p, d in patients.items()},
+                               "generator_quality": {"frechet_ratio": frechet, "sharpness_ratio": 0.8,
+                                                     "mask_agreement_ratio": 1.1},
+                               "synthetic_kept_share": 0.4, "synthetic_unique_share": unique})
+    records.append(records[1] | {"n_real": 5})  # no real only of the same cell: not paired, left out
+    cells = generator_cells(records)
+    assert list(cells["seed"]) == [0, 1] and list(cells["delta_dice_points"]) == pytest.approx([0.0, 2.0])
+    row = generator_quality_table(records).loc[(2, "real + diffusion x1 on top")]
+    assert row["seeds"] == 2 and row["delta_dice_points"] == pytest.approx(1.0)
+    assert row["frechet_ratio"] == pytest.approx(1.5) and row["frechet_ratio_max"] == 2.0
+    assert row["unique_share"] == pytest.approx(0.7) and row["unique_share_min"] == 0.5
+    assert generator_quality_table([r for r in records if r["strategy"] == "real"]).empty

@@ -112,6 +112,63 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
     return pd.DataFrame(rows, columns=columns).set_index(["n_real", "setting"])
 
 
+QUALITY = ("frechet_ratio", "sharpness_ratio", "mask_agreement_ratio")  # the quality table's ratios to real
+
+
+def generator_cells(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per condition with a generator and a real-only record of the same seed: its
+    paired difference to real only (Dice points, mean over the test patients), its generator's
+    row of the quality table against the validation patients (ratios to real: Fréchet, sharpness,
+    mask agreement), and the share of drawn pairs the filter kept and of pairs that are unique."""
+    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
+    rows = []
+    for r in records:
+        quality = r.get("generator_quality")
+        if not quality or (r["n_real"], r["seed"]) not in base:
+            continue
+        diff = _differences([(r, base[(r["n_real"], r["seed"])])])
+        rows.append({"n_real": r["n_real"], "setting": setting_label(r), "seed": r["seed"],
+                     "delta_dice_points": 100 * float(np.nanmean(diff))}
+                    | {k: quality.get(k, np.nan) for k in QUALITY}
+                    | {"kept_share": r.get("synthetic_kept_share", np.nan),
+                       "unique_share": r.get("synthetic_unique_share", np.nan)})
+    return pd.DataFrame(rows, columns=["n_real", "setting", "seed", "delta_dice_points", *QUALITY, "kept_share",
+                                       "unique_share"])
+
+
+def generator_quality_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per n_real and setting, the mean over its cells of :func:`generator_cells` (the worst
+    Fréchet ratio and unique share beside the means), so each verdict can be read against the
+    quality of the generators behind it."""
+    cells = generator_cells(records)
+    groups = cells.groupby(["n_real", "setting"])
+    table = groups[["delta_dice_points", *QUALITY, "kept_share", "unique_share"]].mean()
+    table.insert(2, "frechet_ratio_max", groups["frechet_ratio"].max())
+    table["unique_share_min"] = groups["unique_share"].min()
+    return table.assign(seeds=groups.size())
+
+
+def quality_figure(records: list[dict[str, Any]]) -> Figure:
+    """Each cell's paired difference to real only against its generator's Fréchet ratio and mask
+    agreement ratio (to real), one colour per setting and one marker per patient count."""
+    cells = generator_cells(records)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    markers = dict(zip(sorted(cells["n_real"].unique()), "os^DvP*X"))
+    for ax, key, label in zip(axes, ("frechet_ratio", "mask_agreement_ratio"),
+                              ("Fréchet ratio to real (lower is closer)", "mask agreement ratio to real")):
+        for i, (setting, rows) in enumerate(cells.groupby("setting")):
+            for n, part in rows.groupby("n_real"):
+                ax.scatter(part[key], part["delta_dice_points"], color=f"C{i}", marker=markers[n],
+                           label=f"{setting}, {n} real")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xlabel=label)
+    axes[0].set_ylabel("Dice points vs real only (one cell)")
+    if len(cells):
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def power_table(records: list[dict[str, Any]], setting: str = "real + spade_gan x1", effect: float = 0.03,
                 power: float = 0.8, test_patients: int | None = None) -> pd.DataFrame:
     """How many seeds (training subsets) a study needs, from the records of an earlier one: per
@@ -195,10 +252,12 @@ def steps_figure(steps: dict[int, dict[str, Any]]) -> Figure:
 
 
 def write_summary(study_dir: Path, design: StudyDesign, conclusions: pd.DataFrame,
-                  steps: dict[int, dict[str, Any]]) -> Path:
-    """``summary.json`` in ``study_dir``: the design, the steps per patient count and every paired comparison."""
+                  steps: dict[int, dict[str, Any]], records: list[dict[str, Any]] | None = None) -> Path:
+    """``summary.json`` in ``study_dir``: the design, the steps per patient count, every paired
+    comparison and, with ``records``, the quality of the generators behind each comparison."""
     rows = conclusions.reset_index().to_dict("records")
+    generators = generator_quality_table(records or []).reset_index().to_dict("records")
     return write_json(Path(study_dir) / "summary.json",
                       {"design": asdict(design) | {"id": design.id},
                        "steps": {str(n): {k: v for k, v in s.items() if k != "curve"} for n, s in steps.items()},
-                       "comparisons": rows})
+                       "comparisons": rows, "generators": generators})

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     conclusions = study_conclusions(records)
     write_summary(srun.run_dir / "study", read_design(srun.run_dir / "study" / "design.json"),
-                  conclusions, steps)
+                  conclusions, steps, records)
     print(study_table(records).round(3).to_string())
     print(conclusions.round(2).to_string())
     print(f"{len(records)} records in {srun.run_dir / 'study' / 'results.json'}")
