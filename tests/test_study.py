@@ -478,10 +478,13 @@ def test_generator_quality_table_reads_each_comparison_against_its_cells_generat
                                                      "mask_agreement_ratio": 1.1},
                                "synthetic_kept_share": 0.4, "synthetic_unique_share": unique})
     records.append(records[1] | {"n_real": 5})  # no real only of the same cell: not paired, left out
+    barren = dict.fromkeys(["frechet_ratio", "sharpness_ratio", "mask_agreement_ratio"])  # too few pairs to measure
+    records += [records[0] | {"n_real": 1}, records[1] | {"n_real": 1, "generator_quality": barren}]
     cells = generator_cells(records)
-    assert list(cells["seed"]) == [0, 1] and list(cells["delta_dice_points"]) == pytest.approx([0.0, 2.0])
+    assert list(cells["seed"]) == [0, 1, 0] and list(cells["delta_dice_points"]) == pytest.approx([0.0, 2.0, 0.0])
     row = generator_quality_table(records).loc[(2, "real + diffusion x1 on top")]
     assert row["seeds"] == 2 and row["delta_dice_points"] == pytest.approx(1.0)
     assert row["frechet_ratio"] == pytest.approx(1.5) and row["frechet_ratio_max"] == 2.0
     assert row["unique_share"] == pytest.approx(0.7) and row["unique_share_min"] == 0.5
+    assert np.isnan(generator_quality_table(records).loc[(1, "real + diffusion x1 on top"), "frechet_ratio"])
     assert generator_quality_table([r for r in records if r["strategy"] == "real"]).empty

@@ -115,6 +115,11 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
 QUALITY = ("frechet_ratio", "sharpness_ratio", "mask_agreement_ratio")  # the quality table's ratios to real
 
 
+def _number(value: Any) -> float:
+    """A measure as a float; NaN where it was not measured (None: too few pairs for the quality table)."""
+    return np.nan if value is None else float(value)
+
+
 def generator_cells(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per condition with a generator and a real-only record of the same seed: its
     paired difference to real only (Dice points, mean over the test patients), its generator's
@@ -129,9 +134,9 @@ def generator_cells(records: list[dict[str, Any]]) -> pd.DataFrame:
         diff = _differences([(r, base[(r["n_real"], r["seed"])])])
         rows.append({"n_real": r["n_real"], "setting": setting_label(r), "seed": r["seed"],
                      "delta_dice_points": 100 * float(np.nanmean(diff))}
-                    | {k: quality.get(k, np.nan) for k in QUALITY}
-                    | {"kept_share": r.get("synthetic_kept_share", np.nan),
-                       "unique_share": r.get("synthetic_unique_share", np.nan)})
+                    | {k: _number(quality.get(k)) for k in QUALITY}
+                    | {"kept_share": _number(r.get("synthetic_kept_share")),
+                       "unique_share": _number(r.get("synthetic_unique_share"))})
     return pd.DataFrame(rows, columns=["n_real", "setting", "seed", "delta_dice_points", *QUALITY, "kept_share",
                                        "unique_share"])
 
