@@ -488,3 +488,26 @@ def test_generator_quality_table_reads_each_comparison_against_its_cells_generat
     assert row["unique_share"] == pytest.approx(0.7) and row["unique_share_min"] == 0.5
     assert np.isnan(generator_quality_table(records).loc[(1, "real + diffusion x1 on top"), "frechet_ratio"])
     assert generator_quality_table([r for r in records if r["strategy"] == "real"]).empty
+
+
+def test_contrasts_inside_a_design_pair_each_condition_with_another_baseline(tmp_path, capsys):
+    from tools import study_contrast
+
+    records = []
+    for seed, loss in enumerate([0.03, 0.05, 0.04]):  # replacing real slices loses 3-5 points, adding nothing
+        base = {"generator": None, "n_real": 2, "ratio": 0.0, "seed": seed, "shapes": None, "filtered": None}
+        synthetic = base | {"generator": "diffusion", "ratio": 1.0, "shapes": "new", "filtered": True}
+        patients = {f"p{i}": 0.6 + 0.01 * i for i in range(4)}
+        records += [base | {"strategy": "real", "test_dice": patients},
+                    synthetic | {"strategy": "add", "test_dice": patients},
+                    synthetic | {"strategy": "mix", "test_dice": {p: d - loss for p, d in patients.items()}}]
+    table = study_conclusions(records, baseline="real + diffusion x1")
+    assert set(table.index) == {(2, "real only"), (2, "real + diffusion x1 on top")}
+    on_top = table.loc[(2, "real + diffusion x1 on top")]
+    assert on_top["delta_dice_points"] == pytest.approx(4.0) and on_top["seeds"] == 3 and on_top["verdict"] == "helps"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    study_contrast.main([str(path), "--baseline", "real + diffusion x1", "--n-real", "2"])
+    assert "real + diffusion x1 on top" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no record of 'real \\+ spade_gan x1'; conditions: real \\+ diffusion x1, "):
+        study_contrast.main([str(path), "--baseline", "real + spade_gan x1"])

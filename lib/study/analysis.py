@@ -76,9 +76,10 @@ def _verdict(primary: dict[str, Any], secondary: dict[str, Any], seeds: int, min
 
 
 def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed: int = 0,
-                      min_seeds: int = 3) -> pd.DataFrame:
-    """Each setting against "real only" at the same n_real, with the training subset (seed) as the
-    unit: the mean paired difference in per-patient test Dice (paired by seed and test patient),
+                      min_seeds: int = 3, baseline: str = "real only") -> pd.DataFrame:
+    """Each setting against ``baseline`` (a :func:`setting_label`; "real only" unless another
+    contrast is asked, such as adding against replacing) at the same n_real, with the training
+    subset (seed) as the unit: the mean paired difference in per-patient test Dice (paired by seed and test patient),
     a 95 % t-interval over the seeds' mean differences (primary: ``ci_low``, ``ci_high``;
     :func:`lib.common.statistics.seed_t_interval`) and a 95 % bootstrap interval that resamples
     seeds and test patients crossed, as every seed is scored on the same patients (secondary:
@@ -94,9 +95,9 @@ def study_conclusions(records: list[dict[str, Any]], n_boot: int = 10_000, seed:
         return pd.DataFrame(columns=columns).set_index(["n_real", "setting"])
     df = pd.DataFrame(records)
     df["setting"] = df.apply(setting_label, axis=1)
-    base = {(r["n_real"], r["seed"]): r for r in records if r["strategy"] == "real"}
+    base = {(r["n_real"], r["seed"]): r for r in records if setting_label(r) == baseline}
     rows = []
-    for (n, setting), group in df[df["strategy"] != "real"].groupby(["n_real", "setting"]):
+    for (n, setting), group in df[df["setting"] != baseline].groupby(["n_real", "setting"]):
         matched = [(r, base[(n, r["seed"])]) for r in group.to_dict("records") if (n, r["seed"]) in base]
         diff = _differences(matched)
         if not diff.size or not np.isfinite(diff).any():
