@@ -26,7 +26,7 @@ from lib.study.analysis import (
 )
 from lib.study.cost import grid_workload, makespan, study_workload
 from lib.study.design import ABLATIONS, GENERATORS, STRATEGIES, design_run, make_design
-from lib.synth import diffusion, gan
+from lib.synth import diffusion, gan, pairs
 from lib.synth.generative import TrainingCollapsed
 from lib.synth.vae import VAEConfig
 from tests.helpers import exit_once, make_task
@@ -511,3 +511,22 @@ def test_contrasts_inside_a_design_pair_each_condition_with_another_baseline(tmp
     assert "real + diffusion x1 on top" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no record of 'real \\+ spade_gan x1'; conditions: real \\+ diffusion x1, "):
         study_contrast.main([str(path), "--baseline", "real + spade_gan x1"])
+
+
+def test_a_small_pool_is_topped_up_for_its_generators_measurement_only():
+    rounds = []
+
+    def draw(n, round_):  # every other pair has foreground; the filter keeps half of what is drawn
+        rounds.append(round_)
+        masks = np.zeros((n // 2, 4, 4), np.uint8)
+        masks[::2, 1, 1] = 1
+        return pairs.Filtered(np.full((n // 2, 1, 4, 4), round_, np.float32), masks, np.ones(n), np.arange(n) % 2 == 0)
+
+    images, masks, drawn, passed = study_run.draw_until(draw, 10, filtered=True)
+    assert len(images) == len(masks) == 10 and (drawn, passed) == (20, 10) and rounds == [0]
+    measured_images, measured_masks = study_run.top_up_foreground(draw, (images, masks), 32, filtered=True)
+    assert (measured_images[:10] == images).all()  # the pool first, as it is
+    assert measured_masks.reshape(len(measured_masks), -1).any(axis=1).sum() >= 32
+    assert rounds[1] == study_run.MAX_DRAWS  # rounds of their own: never the pool's pairs again
+    assert study_run.top_up_foreground(draw, (images, masks), 5, filtered=True)[0] is images
+    assert len(study_run.draw_until(lambda n, r: None, 10, filtered=True)[0]) == 0  # the filter kept nothing

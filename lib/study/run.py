@@ -51,6 +51,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -424,6 +425,47 @@ def _score(model: torch.nn.Module, test: SliceSet, truths: dict[str, np.ndarray]
 
 
 MAX_DRAWS = 4  # rounds of generation before a cell settles for fewer unique synthetic pairs than it needs
+QUALITY_MIN_PAIRS = 32  # pairs with foreground the quality table needs to measure a generator
+
+
+def draw_until(draw: Callable[[int, int], pairs.Filtered | None], need: int, filtered: bool,
+               first_round: int = 0) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Rounds of ``draw(n, round)`` (at most :data:`MAX_DRAWS`, numbered from ``first_round``)
+    until ``need`` pairs are kept, twice the missing pairs a round when a filter drops some:
+    the kept images and masks (at most ``need``; empty when none was kept), the pairs drawn and
+    the pairs the filter passed."""
+    images, masks, drawn, passed = [], [], 0, 0
+    for round_ in range(first_round, first_round + MAX_DRAWS):
+        missing = need - sum(len(m) for m in masks)
+        if missing <= 0:
+            break
+        n = 2 * missing if filtered else missing
+        kept = draw(n, round_)
+        drawn += n
+        if kept is not None:
+            passed += int(kept.kept.sum())
+            images.append(kept.images[:missing])
+            masks.append(kept.masks[:missing])
+    if not masks:
+        return np.empty((0,)), np.empty((0,)), drawn, passed
+    return np.concatenate(images), np.concatenate(masks), drawn, passed
+
+
+def top_up_foreground(draw: Callable[[int, int], pairs.Filtered | None], pool: tuple[np.ndarray, np.ndarray],
+                      min_pairs: int, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's pairs for the quality table, with more drawn (rounds after the pool's, for the
+    measurement only) when fewer than ``min_pairs`` of them have foreground, so that a small
+    pool's generator is measured too."""
+    images, masks = pool
+    have = int(masks.reshape(len(masks), -1).any(axis=1).sum())
+    if have >= min_pairs:
+        return pool
+    share = max(have / len(masks), 0.1)  # the pool's foreground share: how many pairs give the missing ones
+    more_images, more_masks, _, _ = draw_until(draw, math.ceil((min_pairs - have) / share), filtered,
+                                               first_round=MAX_DRAWS)
+    if not len(more_masks):
+        return pool
+    return np.concatenate([images, more_images]), np.concatenate([masks, more_masks])
 
 
 def _generator(cell: _Cell, name: str, cfg: Any, device: str) -> Any:
@@ -449,7 +491,9 @@ def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, gen_cfgs: dict
     of new masks and images until the filter has kept enough (at most :data:`MAX_DRAWS`; a pool
     that stays short is used as it is, never repeated, and its records say so). Kept in the
     cell's folder, so a resumed cell trains on the same pairs, with the generator's quality
-    table row against the validation patients (never the test ones)."""
+    table row against the validation patients (never the test ones), measured on the pool's
+    pairs and, where fewer than :data:`QUALITY_MIN_PAIRS` of them have foreground, on pairs
+    drawn for the measurement only (``extra_pairs``)."""
     generator = cond.arm or design.generator
     key = (generator, cond.shapes, bool(cond.filtered))
     if key in cell.pools:
@@ -467,33 +511,27 @@ def _synthetic(cell: _Cell, cond: Condition, design: StudyDesign, gen_cfgs: dict
         model = _generator(cell, generator, gen_cfgs[generator], device)
         generate = IMAGE_GENERATORS[generator][1]
         predict = workflow.predict_masks_fn(cell.real_model, device)
-        images, kept_masks, drawn, passed = [], [], 0, 0
-        for draw in range(MAX_DRAWS):
-            missing = need - sum(len(m) for m in kept_masks)
-            if missing <= 0:
-                break
-            n_draw = 2 * missing if cond.filtered else missing  # the filter drops some: draw twice as many
+
+        def draw(n: int, round_: int) -> pairs.Filtered | None:
             try:
-                kept = pairs.make_pairs(generate, model, cond.shapes, n_draw, cell.seed * 1000 + draw,
+                return pairs.make_pairs(generate, model, cond.shapes, n, cell.seed * 1000 + round_,
                                         shape_model=cell.shape_model, train_masks=masks,
                                         num_classes=run.task.num_classes, device=device,
                                         predict_fn=predict if cond.filtered else None, threshold=design.filter_threshold)
             except ValueError:  # the filter kept none of this round
-                kept = None
-            drawn += n_draw
-            if kept is not None:
-                passed += int(kept.kept.sum())
-                images.append(kept.images[:missing])
-                kept_masks.append(kept.masks[:missing])
-        if not kept_masks:
+                return None
+
+        images, kept_masks, drawn, passed = draw_until(draw, need, bool(cond.filtered))
+        if not len(kept_masks):
             raise RuntimeError(f"cell n={cell.n} seed={cell.seed}: the filter kept none of {drawn} synthetic pairs "
                                f"of {generator} in {MAX_DRAWS} rounds")
-        images, kept_masks = np.concatenate(images), np.concatenate(kept_masks)
-        quality = quality_table((cell.real.images, masks), (val.images, val.masks), {generator: (images, kept_masks)},
+        measured = top_up_foreground(draw, (images, kept_masks), QUALITY_MIN_PAIRS, bool(cond.filtered))
+        quality = quality_table((cell.real.images, masks), (val.images, val.masks), {generator: measured},
                                 predict, cell.real_model.encoder, new_masks={generator} if cond.shapes == "new" else set(),
-                                device=device, max_samples=256, seed=cell.seed)
+                                device=device, max_samples=256, min_pairs=QUALITY_MIN_PAIRS, seed=cell.seed)
         row = quality[generator] | {"real_frechet": quality["real"]["frechet"],
-                                    "real_mask_agreement": quality["real"]["mask_agreement"]}
+                                    "real_mask_agreement": quality["real"]["mask_agreement"],
+                                    "extra_pairs": len(measured[0]) - len(images)}
         save_pairs(file, images, kept_masks, {"kept_share": passed / drawn,
                                               "seed": cell.seed, "quality": row})
     with np.load(file) as z:
