@@ -461,8 +461,8 @@ def top_up_foreground(draw: Callable[[int, int], pairs.Filtered | None], pool: t
     if have >= min_pairs:
         return pool
     share = max(have / len(masks), 0.1)  # the pool's foreground share: how many pairs give the missing ones
-    more_images, more_masks, _, _ = draw_until(draw, math.ceil((min_pairs - have) / share), filtered,
-                                               first_round=MAX_DRAWS)
+    need = min(math.ceil((min_pairs - have) / share), 4 * min_pairs)  # a pool of empty masks costs no more
+    more_images, more_masks, _, _ = draw_until(draw, need, filtered, first_round=MAX_DRAWS)
     if not len(more_masks):
         return pool
     return np.concatenate([images, more_images]), np.concatenate([masks, more_masks])
