@@ -77,7 +77,7 @@ from lib.study.analysis import setting_label
 from lib.study.design import Condition, StudyDesign
 from lib.synth import diffusion, gan, pairs, vae
 from lib.synth.generative import TrainingCollapsed, load_generator
-from lib.synth.quality import quality_table
+from lib.synth.quality import quality_table, with_foreground
 from lib.synth.shapes import ShapeModel, ShapeModelConfig
 
 IMAGE_GENERATORS = {"spade_gan": (gan.train_gan, gan.generate_images, gan.SPADEGAN),
@@ -457,7 +457,7 @@ def top_up_foreground(draw: Callable[[int, int], pairs.Filtered | None], pool: t
     measurement only) when fewer than ``min_pairs`` of them have foreground, so that a small
     pool's generator is measured too."""
     images, masks = pool
-    have = int(masks.reshape(len(masks), -1).any(axis=1).sum())
+    have = len(with_foreground(images, masks)[1])
     if have >= min_pairs:
         return pool
     share = max(have / len(masks), 0.1)  # the pool's foreground share: how many pairs give the missing ones
