@@ -29,6 +29,7 @@ from lib.common.paths import PROJECT_ROOT, relative_paths
 from lib.seg.tables import comparison_table, cross_validation_table, paired_differences
 from lib.study.analysis import (
     generator_quality_table,
+    provenance_table,
     quality_figure,
     steps_figure,
     study_conclusions,
@@ -335,6 +336,15 @@ def study_index(design: Any, steps: dict[int, dict[str, Any]], records: list[dic
                       "drawn pairs the filter kept and the share of unique pairs; means over the seeds, the worst "
                       "Fréchet ratio and unique share beside them. Each cell's point: `quality.png`.", "",
                       markdown_table(generators, digits=2), "", "![quality against effect](quality.png)", ""]
+        provenance = provenance_table(records)
+        mixed = int(provenance["mixed_cells"].sum())
+        lines += ["## Where the records were made", "", "Each record names the commit (`code`) and the machine "
+                  "with its precision (`hardware`) that made it; a cell's conditions are paired with its own real "
+                  "only, so they compare like with like when the cell ran on one machine. "
+                  + (f"{mixed} cell(s) hold records of more than one machine (`mixed_cells`): their paired "
+                     "differences also carry the change of machine or precision." if mixed else
+                     "Every cell's records come from one machine and precision."), "",
+                  markdown_table(provenance), ""]
     if notebook:
         partial = "" if len(records) >= planned else " (while the study runs: up to its last saved cell)"
         lines += [f"[Notebook 05 as executed](notebooks/05_vae_synthesis.ipynb){partial}.", ""]

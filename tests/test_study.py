@@ -21,6 +21,7 @@ from lib.study.analysis import (
     generator_cells,
     generator_quality_table,
     power_table,
+    provenance_table,
     setting_label,
     study_conclusions,
 )
@@ -245,6 +246,7 @@ def test_study_trains_every_condition_for_the_same_steps_resumes_and_refuses_for
                                                           "steps.json", "steps.png", "study.png", "summary.json"]
     index = (published / "README.md").read_text()
     assert "10 of 10 conditions done: complete" in index and "## The generators behind the comparisons" in index
+    assert "Every cell's records come from one machine and precision." in index
     generators = json.loads((published / "summary.json").read_text())["generators"]
     assert {g["setting"] for g in generators} >= {"real + spade_gan x1 on top", "real + spade_gan x1"}
 
@@ -488,6 +490,19 @@ def test_generator_quality_table_reads_each_comparison_against_its_cells_generat
     assert row["unique_share"] == pytest.approx(0.7) and row["unique_share_min"] == 0.5
     assert np.isnan(generator_quality_table(records).loc[(1, "real + diffusion x1 on top"), "frechet_ratio"])
     assert generator_quality_table([r for r in records if r["strategy"] == "real"]).empty
+
+
+def test_provenance_table_finds_the_cells_resumed_on_another_machine():
+    bf16, fp32 = "2 CPU cores (x86_64), 1 torch thread(s), bf16", "2 CPU cores (x86_64), 1 torch thread(s), fp32"
+    made = [(2, 0, "real", bf16), (2, 0, "add", bf16), (2, 1, "real", bf16), (2, 1, "add", fp32), (4, 0, "real", fp32)]
+    records = [{"n_real": n, "seed": seed, "strategy": strategy, "code": "abc1234", "hardware": hardware}
+               for n, seed, strategy, hardware in made]
+    table = provenance_table(records)
+    assert table.loc[(2, "abc1234", bf16)].tolist() == [3, 2, 1]  # conditions, cells, mixed cells
+    assert table.loc[(2, "abc1234", fp32)].tolist() == [1, 1, 1]
+    assert table.loc[(4, "abc1234", fp32)].tolist() == [1, 1, 0]
+    assert table["mixed_cells"].sum() == 2 and provenance_table([]).empty
+    assert provenance_table([{"n_real": 2, "seed": 0}]).index[0] == (2, "?", "?")  # records older than code/hardware
 
 
 def test_contrasts_inside_a_design_pair_each_condition_with_another_baseline(tmp_path, capsys):

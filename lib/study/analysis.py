@@ -154,6 +154,22 @@ def generator_quality_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return table.assign(seeds=groups.size())
 
 
+def provenance_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Where the records were made: per patient count, commit (``code``) and machine with its
+    precision (``hardware``), the conditions and cells recorded there, and how many of those cells
+    also hold records made elsewhere (``mixed_cells``: a cell resumed on another machine, whose
+    paired differences then also carry the change of machine or precision)."""
+    rows = pd.DataFrame([{"n_real": r["n_real"], "seed": r["seed"], "code": r.get("code") or "?",
+                          "hardware": r.get("hardware") or "?"} for r in records],
+                        columns=["n_real", "seed", "code", "hardware"])
+    machines = rows.groupby(["n_real", "seed"])["hardware"].nunique()
+    rows["mixed"] = np.array([machines[(n, s)] > 1 for n, s in zip(rows["n_real"], rows["seed"])], dtype=bool)
+    keys = ["n_real", "code", "hardware"]
+    table = rows.groupby(keys).agg(conditions=("seed", "size"), cells=("seed", "nunique"))
+    mixed = rows[rows["mixed"]].groupby(keys)["seed"].nunique()
+    return table.assign(mixed_cells=mixed.reindex(table.index, fill_value=0).astype(int))
+
+
 def quality_figure(records: list[dict[str, Any]]) -> Figure:
     """Each cell's paired difference to real only against its generator's Fréchet ratio and mask
     agreement ratio (to real), one colour per setting and one marker per patient count."""
