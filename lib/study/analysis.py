@@ -162,8 +162,7 @@ def provenance_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = pd.DataFrame([{"n_real": r["n_real"], "seed": r["seed"], "code": r.get("code") or "?",
                           "hardware": r.get("hardware") or "?"} for r in records],
                         columns=["n_real", "seed", "code", "hardware"])
-    machines = rows.groupby(["n_real", "seed"])["hardware"].nunique()
-    rows["mixed"] = np.array([machines[(n, s)] > 1 for n, s in zip(rows["n_real"], rows["seed"])], dtype=bool)
+    rows["mixed"] = (rows.groupby(["n_real", "seed"])["hardware"].transform("nunique") > 1).astype(bool)
     keys = ["n_real", "code", "hardware"]
     table = rows.groupby(keys).agg(conditions=("seed", "size"), cells=("seed", "nunique"))
     mixed = rows[rows["mixed"]].groupby(keys)["seed"].nunique()
